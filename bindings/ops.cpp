@@ -1,0 +1,93 @@
+// The torch.ops.skyloom schemas (defined once, here) and their CPU implementations.
+// Fake (meta) implementations and autograd are registered from Python in skyloom.ops.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "op_checks.h"
+
+namespace skyloom::bindings {
+namespace {
+
+at::Tensor patchify_cpu(const at::Tensor& x, at::IntArrayRef patch_size) {
+  const cpu::PatchGeometry g = check_patchify(x, patch_size);
+  const int64_t N = (g.T / g.pt) * (g.H / g.ph) * (g.W / g.pw), F = g.C * g.pt * g.ph * g.pw;
+  at::Tensor tokens = at::empty({g.B, N, F}, x.options());
+  if (tokens.numel() == 0) return tokens;
+  const int64_t strides[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+  cpu::patchify(x.data_ptr(), strides, tokens.data_ptr(), g, x.element_size());
+  return tokens;
+}
+
+at::Tensor unpatchify_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
+  const cpu::PatchGeometry g = check_unpatchify(tokens, patch_size, grid);
+  at::Tensor video = at::empty({g.B, g.C, g.T, g.H, g.W}, tokens.options());
+  if (video.numel() == 0) return video;
+  const int64_t strides[3] = {tokens.stride(0), tokens.stride(1), tokens.stride(2)};
+  cpu::unpatchify(tokens.data_ptr(), strides, video.data_ptr(), g, tokens.element_size());
+  return video;
+}
+
+cpu::AttentionOptions options_of(const std::string& mode, bool causal, double scale, const at::Tensor* valid) {
+  cpu::AttentionOptions o;
+  o.mode = parse_mode(mode);
+  o.causal = causal;
+  o.scale = scale;
+  o.valid_lengths = valid ? valid->data_ptr<int64_t>() : nullptr;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, const std::string& mode, bool causal,
+                                                         double scale, const c10::optional<at::Tensor>& valid_lengths) {
+  const cpu::AttentionShape shape = check_attention({{&q_in, "q"}, {&k_in, "k"}, {&v_in, "v"}}, valid_lengths, mode);
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({shape.B, shape.T, shape.S, shape.heads}, q.options().dtype(lse_dtype(q)));
+  const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
+  cpu::attention_forward(dtype_of(q, "q"), shape, options_of(mode, causal, scale, valid_lengths ? &valid : nullptr),
+                         strided(q), strided(k), strided(v), strided_out(out), strided_out(lse));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::string& mode, bool causal, double scale,
+    const c10::optional<at::Tensor>& valid_lengths) {
+  const cpu::AttentionShape shape = check_attention(
+      {{&q_in, "q"}, {&k_in, "k"}, {&v_in, "v"}, {&out_in, "out"}, {&grad_out_in, "grad_out"}}, valid_lengths, mode);
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == shape.B && lse.size(1) == shape.T && lse.size(2) == shape.S &&
+                  lse.size(3) == shape.heads && lse.scalar_type() == lse_dtype(q_in),
+              "spacetime_attention backward: lse must be (B, T, S, heads) ", lse_dtype(q_in), ", got ", lse.sizes(),
+              " ", lse.scalar_type());
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in),
+                   out = unit_last_stride(out_in), grad_out = unit_last_stride(grad_out_in);
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_q = at::empty(q.sizes(), contiguous), grad_k = at::empty(q.sizes(), contiguous),
+             grad_v = at::empty(q.sizes(), contiguous);
+  const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
+  cpu::attention_backward(dtype_of(q, "q"), shape, options_of(mode, causal, scale, valid_lengths ? &valid : nullptr),
+                          strided(grad_out), strided(q), strided(k), strided(v), strided(out), strided(lse),
+                          strided_out(grad_q), strided_out(grad_k), strided_out(grad_v));
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace skyloom::bindings
+
+TORCH_LIBRARY(skyloom, m) {
+  m.def("patchify(Tensor x, int[3] patch_size) -> Tensor");
+  m.def("unpatchify(Tensor tokens, int[3] patch_size, int[3] grid) -> Tensor");
+  m.def(
+      "spacetime_attention_forward(Tensor q, Tensor k, Tensor v, str mode, bool causal, float scale, "
+      "Tensor? valid_lengths) -> (Tensor out, Tensor lse)");
+  m.def(
+      "spacetime_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "str mode, bool causal, float scale, Tensor? valid_lengths) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+TORCH_LIBRARY_IMPL(skyloom, CPU, m) {
+  m.impl("patchify", &skyloom::bindings::patchify_cpu);
+  m.impl("unpatchify", &skyloom::bindings::unpatchify_cpu);
+  m.impl("spacetime_attention_forward", &skyloom::bindings::attention_forward_cpu);
+  m.impl("spacetime_attention_backward", &skyloom::bindings::attention_backward_cpu);
+}

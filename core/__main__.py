@@ -1,0 +1,3 @@
+from skyloom.cli import main
+
+main(prog_name="skyloom")

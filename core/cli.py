@@ -1,0 +1,261 @@
+"""The `skyloom` command: a thin layer over the Python API (docs/api.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+VIDEO_SUFFIXES = (".mp4",)
+IMAGE_SUFFIXES = (".png",)
+
+
+class SkyloomCLIError(click.ClickException):
+    """An error shown as one line, 'error: ...', with exit status 1."""
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _registry():
+    from skyloom.registry import PluginClashError, PluginLoadError, get_registry
+
+    try:
+        return get_registry()
+    except (PluginLoadError, PluginClashError) as error:
+        raise SkyloomCLIError(str(error)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skyloom")
+@click.option("--strict-plugins", is_flag=True, help="A plugin that fails to load is an error (also SKYLOOM_STRICT_PLUGINS=1).")
+def main(strict_plugins: bool) -> None:
+    """skyloom: Sora-style video generation with swappable plugins."""
+    if strict_plugins:
+        os.environ["SKYLOOM_STRICT_PLUGINS"] = "1"
+
+
+def _check_output(output: Path, frames: int | None) -> None:
+    """Fail before any work if the output cannot be written."""
+    suffix = output.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        raise SkyloomCLIError(f"output {output}: unsupported file type {suffix or '(none)'!r}; use .mp4 for video or .png for one frame")
+    if suffix in IMAGE_SUFFIXES and frames is not None and frames != 1:
+        raise SkyloomCLIError(f"output {output}: a .png holds one frame but --frames is {frames}; use .mp4 or --frames 1")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise SkyloomCLIError(f"output {output}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SkyloomCLIError(f"output {output}: directory {parent} is not writable")
+    if output.is_dir():
+        raise SkyloomCLIError(f"output {output} is a directory; give a file name ending in .mp4 or .png")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .mp4 (video) or .png (one frame).")
+@click.option("--frames", type=int, help="Number of frames (model default if omitted; 1 for an image).")
+@click.option("--size", help="WIDTHxHEIGHT, e.g. 64x64 or 80x48 (model default if omitted).")
+@click.option("--fps", type=float, help="Frames per second of the output.")
+@click.option("--steps", type=int, help="Sampling steps.")
+@click.option("--sampler", help="Sampler name (see `skyloom plugins`).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (1 = no guidance).")
+@click.option("--seed", type=int, help="Random seed (random if omitted; recorded with --json).")
+@click.option("--negative", default="", help="Negative prompt: what the video should not show.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
+@click.option("--prompt-enhancer", help="Rewrite the prompt with this prompt_enhancer plugin ('none' to disable).")
+@click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
+@click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result record (everything but the frames) as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
+def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer, crf, include_prompt, as_json, quiet):
+    """Generate a video (or a single frame) from PROMPT and write it to --output."""
+    from skyloom.bundle import BundleError
+    from skyloom.pipeline import DEFAULT, Pipeline, SafetyRefusal
+    from skyloom.provenance import ProvenanceSettings
+    from skyloom.registry import UnknownPluginError
+    from skyloom.request import GenerationRequest, RequestError, parse_size
+
+    if output.suffix.lower() in IMAGE_SUFFIXES and frames is None:
+        frames = 1
+    _check_output(output, frames)
+    try:
+        width, height = parse_size(size) if size else (None, None)
+        registry = _registry()
+        enhancer = DEFAULT if prompt_enhancer is None else (None if prompt_enhancer.lower() == "none" else prompt_enhancer)
+        pipeline = Pipeline.from_pretrained(model_dir, registry=registry, prompt_enhancer=enhancer)
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative, frames=frames, width=width, height=height,
+            fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+        )
+        result = pipeline(request, progress=not quiet and sys.stderr.isatty())
+        result.save(output, crf=crf, provenance=ProvenanceSettings.from_env(include_prompt=include_prompt or None))
+    except SafetyRefusal as refusal:
+        click.echo(f"refused: {refusal}", err=True)
+        sys.exit(3)
+    except (RequestError, BundleError, UnknownPluginError, ValueError, OSError) as error:
+        raise SkyloomCLIError(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    if not pipeline.bundle.trained and not quiet:
+        click.echo(f"note: model {pipeline.bundle.name!r} is untrained (random weights): the video does not follow the prompt", err=True)
+    if as_json:
+        click.echo(json.dumps(result.record, indent=2, default=str))
+    elif not quiet:
+        click.echo(f"wrote {output} ({result.frames.shape[0]} frames, {result.frames.shape[2]}x{result.frames.shape[1]}, seed {result.record['seed']})", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {kind, name, aliases, plugin, package, version}.")
+def plugins(as_json):
+    """List every installed plugin component, by kind."""
+    from skyloom.kinds import KINDS
+
+    registry = _registry()
+    infos = registry.all()
+    if as_json:
+        click.echo(json.dumps([info.as_dict() for info in infos], indent=2))
+        return
+    for kind in KINDS:
+        click.echo(f"{kind}:")
+        names = [i for i in infos if i.kind == kind]
+        if not names:
+            click.echo("  (none)")
+        for info in names:
+            aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
+            click.echo(f"  {info.name}{aliases}  [{info.package} {info.version}]")
+    for plugin, error in registry.load_errors:
+        click.echo(f"failed to load: {plugin}: {error}", err=True)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json):
+    """Report what was built, which devices are usable, and the versions in use."""
+    import torch
+
+    from skyloom import _C
+
+    report = {
+        "skyloom": _version("skyloom"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "build": _C.build_info(),
+        "devices": {
+            "cpu": {"usable": True, "threads": torch.get_num_threads()},
+            "cuda": {
+                "usable": torch.cuda.is_available(),
+                "torch_cuda": torch.version.cuda,
+                "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            },
+        },
+        "versions": {name: _version(name) for name in ("torch", "av", "numpy", "pluggy", "safetensors", "sentence-transformers", "click", "tqdm")},
+    }
+    registry = _registry()
+    packages = {}
+    for info in registry.all():
+        packages.setdefault(info.package or info.plugin, info.version)
+    report["plugin_packages"] = packages
+    report["plugin_load_errors"] = [{"plugin": p, "error": e} for p, e in registry.load_errors]
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    build = report["build"]
+    click.echo(f"skyloom {report['skyloom']} on Python {report['python']} ({report['platform']})")
+    click.echo(f"extension: built with {build['compiler']} against torch {build['torch_version']}; "
+               f"CUDA kernels: {'yes (' + build['cuda_archs'] + ')' if build['cuda'] else 'no'}; OpenMP: {'yes' if build['openmp'] else 'no'}")
+    cuda = report["devices"]["cuda"]
+    click.echo(f"devices: cpu ({report['devices']['cpu']['threads']} threads)"
+               + (f", cuda: {', '.join(cuda['devices'])}" if cuda["usable"] else ", cuda: not usable"
+                  + (f" (torch built with CUDA {cuda['torch_cuda']})" if cuda["torch_cuda"] else " (CPU-only torch)")))
+    click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    click.echo("plugin packages: " + ", ".join(f"{k} {v}".strip() for k, v in packages.items()))
+    for item in report["plugin_load_errors"]:
+        click.echo(f"failed to load: {item['plugin']}: {item['error']}")
+
+
+@main.group()
+def safety():
+    """Safety tools for moderation pipelines."""
+
+
+@safety.command("check")
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "prompt_file", type=click.File("r"), help="Read prompts from this file, one per line ('-' for stdin).")
+@click.option("--filter", "filters", multiple=True, help="Safety filter to run (repeatable; default: every registered one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per prompt (JSON Lines).")
+def safety_check(prompts, prompt_file, filters, as_json):
+    """Run only the prompt safety filters: one decision per prompt.
+
+    Exit status: 0 when every prompt is allowed, 3 when any is refused.
+    """
+    prompts = list(prompts)
+    if prompt_file is not None:
+        prompts += [line.rstrip("\n") for line in prompt_file if line.strip()]
+    if not prompts:
+        raise SkyloomCLIError("no prompts: pass them as arguments or with --file")
+    from skyloom.pipeline import check_text
+    from skyloom.registry import UnknownPluginError
+
+    registry = _registry()
+    names = list(filters) or registry.names("safety_filter")
+    try:  # built once for the whole list
+        loaded = [(registry.create("safety_filter", n), {"name": registry.get("safety_filter", n).name}) for n in names]
+    except UnknownPluginError as error:
+        raise SkyloomCLIError(str(error)) from None
+    refused_any = False
+    for prompt in prompts:
+        decisions = check_text(loaded, prompt, "prompt")
+        refusal = next((d for d in decisions if not d.allowed), None)
+        refused_any |= refusal is not None
+        if as_json:
+            click.echo(json.dumps({
+                "prompt": prompt,
+                "allowed": refusal is None,
+                "category": refusal.category if refusal else None,
+                "reason": refusal.reason if refusal else "",
+                "filter": refusal.filter if refusal else None,
+                "decisions": [vars(d) for d in decisions],
+            }))
+        elif refusal is None:
+            click.echo(f"allowed\t{prompt}")
+        else:
+            click.echo(f"refused\t{refusal.category}\t{refusal.filter}: {refusal.reason}\t{prompt}")
+    sys.exit(3 if refused_any else 0)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def verify(file, as_json):
+    """Check FILE's C2PA manifest and look for skyloom watermarks.
+
+    Tells apart: signed and intact; tampered (manifest invalid, exit status 2); manifest
+    stripped (e.g. by re-encoding) but watermark found; neither.
+    """
+    from skyloom.provenance import ProvenanceError
+    from skyloom.verify import format_report, verify as verify_file
+    from skyloom.video_io import VideoIOError
+
+    registry = _registry()
+    markers = [(name, registry.create("watermarker", name)) for name in registry.names("watermarker")]
+    try:
+        report = verify_file(file, watermarkers=markers)
+    except (ProvenanceError, VideoIOError) as error:
+        raise SkyloomCLIError(str(error)) from None
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if report["verdict"] == "tampered":
+        sys.exit(2)

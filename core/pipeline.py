@@ -1,0 +1,447 @@
+"""The core scheduler: runs a GenerationRequest through the stages, each a call to plugins of one kind.
+
+    prompt_safety -> prompt_enhancement -> enhanced_prompt_safety -> text_encoding -> sampling
+    -> decoding -> frame_safety -> watermarking -> (GenerationResult.save) writing
+
+Load once, call many times: no state is kept between requests except caches of pure functions
+(text encodings). docs/architecture.md walks through one request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from skyloom import __version__
+from skyloom.audit import AuditLog, default_audit_log_path
+from skyloom.bundle import DEFAULT_MODEL_DIR, ModelBundle, load_bundle
+from skyloom.provenance import ProvenanceSettings, write_signed_media
+from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
+from skyloom.registry import Registry, get_registry
+from skyloom.request import GenerationRequest
+from skyloom.sampling import classifier_free_guidance, resolution_shift
+
+STAGES = (
+    "prompt_safety",
+    "prompt_enhancement",
+    "enhanced_prompt_safety",
+    "conditioning_safety",
+    "text_encoding",
+    "sampling",
+    "decoding",
+    "frame_safety",
+    "watermarking",
+    "writing",
+)
+
+DEFAULT = object()  # "use the model's or the registry's default" for plugin arguments
+
+
+class SafetyRefusal(Exception):
+    """A safety filter refused the request; nothing was generated or written."""
+
+    def __init__(self, decision: SafetyDecision, record: dict):
+        self.decision = decision
+        self.category = decision.category
+        self.stage = decision.stage
+        self.record = record
+        super().__init__(
+            f"refused by safety filter {decision.filter!r} at stage {decision.stage}: "
+            f"{decision.category or 'policy'}: {decision.reason}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    frames: torch.Tensor  # (T, H, W, 3) uint8
+    fps: float
+    record: dict = field(default_factory=dict)  # JSON-serialisable: everything but the frames
+
+    def save(self, path: str | Path, *, crf: int = 18, provenance: ProvenanceSettings | None = None) -> Path:
+        """Write the video (.mp4) or single frame (.png) atomically, with a signed C2PA manifest
+        carrying the generation recipe (docs/responsible.md); records the writing stage."""
+        path = Path(path)
+        settings = provenance or ProvenanceSettings.from_env()
+        with _measure(self.record, "writing"):
+            write_signed_media(path, self.frames, self.fps, self.record, settings=settings, crf=crf)
+        self.record["output"] = str(path)
+        self.record["provenance"] = {"c2pa": True, "include_prompt": settings.include_prompt}
+        return path
+
+
+def _plugin_entry(registry: Registry, kind: str, name: str | None, obj: object) -> dict:
+    if name is not None:
+        info = registry.get(kind, name)
+        return {"name": info.name, "package": info.package, "version": info.version}
+    module = type(obj).__module__
+    return {"name": type(obj).__name__, "package": module.split(".")[0], "version": "", "injected": True}
+
+
+def _resolve(registry: Registry, kind: str, choice, config: dict | None = None):
+    """A plugin given by name (built through the registry) or as a ready object -> (object, record entry)."""
+    if isinstance(choice, str):
+        info = registry.get(kind, choice)
+        return info.factory(**(config or {})), _plugin_entry(registry, kind, info.name, None)
+    return choice, _plugin_entry(registry, kind, None, choice)
+
+
+def _peak_rss_reset() -> None:
+    # Linux: writing 5 to clear_refs resets the VmHWM peak, so each stage reports its own peak.
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def _measure(record: dict, stage: str):
+    """Record a stage's wall time and peak memory (CUDA allocator peak, or process peak RSS)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _peak_rss_reset()
+    start = time.perf_counter()
+    entry = {"status": "ran"}
+    record.setdefault("stages", {})[stage] = entry
+    try:
+        yield entry
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            entry["peak_cuda_memory_bytes"] = torch.cuda.max_memory_allocated()
+        entry["seconds"] = round(time.perf_counter() - start, 4)
+        entry["peak_rss_bytes"] = _peak_rss_bytes()
+
+
+def _skip(record: dict, stage: str, reason: str) -> None:
+    record.setdefault("stages", {})[stage] = {"status": "skipped", "reason": reason}
+
+
+def check_text(filters: Iterable[tuple[SafetyFilter, dict]], text: str, stage: str) -> list[SafetyDecision]:
+    """Every (filter, record entry) pair's decision on `text`; filters that do not judge text are left out."""
+    decisions = []
+    for flt, entry in filters:
+        decision = flt.check_text(text)
+        if decision is not None:
+            decision.filter, decision.stage = entry["name"], stage
+            decisions.append(decision)
+    return decisions
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    """Text-to-video generation with one model bundle and a set of plugins.
+
+    Plugins may be given by registered name or as objects (an application can inject its own
+    safety filter or watermarker without packaging it). Defaults: every registered safety
+    filter and watermarker; the bundle's sampler, prompt enhancer and captioner.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        registry: Registry | None = None,
+        device: str | torch.device | None = None,
+        sampler: str | Sampler | None = None,
+        safety_filters: Iterable[str | SafetyFilter] | object = DEFAULT,
+        watermarkers: Iterable[str | Watermarker] | object = DEFAULT,
+        prompt_enhancer: str | PromptEnhancer | None | object = DEFAULT,
+        captioner: str | Captioner | None | object = DEFAULT,
+        audit_log: str | Path | None | object = DEFAULT,
+        offload: bool | None = None,
+    ):
+        self.bundle = bundle
+        self.registry = registry or get_registry()
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.defaults = dict(bundle.defaults)
+        self.sampler = sampler  # None: per request, else the bundle's default
+        reg = self.registry
+        if safety_filters is DEFAULT:
+            safety_filters = reg.names("safety_filter")
+        if watermarkers is DEFAULT:
+            watermarkers = reg.names("watermarker")
+        if prompt_enhancer is DEFAULT:
+            prompt_enhancer = self.defaults.get("prompt_enhancer")
+        if captioner is DEFAULT:
+            captioner = self.defaults.get("captioner")
+        self.safety_filters = [_resolve(reg, "safety_filter", f) for f in safety_filters]
+        self.watermarkers = [_resolve(reg, "watermarker", w) for w in watermarkers]
+        self.prompt_enhancer = _resolve(reg, "prompt_enhancer", prompt_enhancer) if prompt_enhancer else None
+        self.captioner = _resolve(reg, "captioner", captioner) if captioner else None
+        if audit_log is DEFAULT:
+            audit_log = default_audit_log_path()
+        self.audit_log = AuditLog(audit_log) if audit_log else None
+        # Offload idle components to the CPU when generating on a GPU.
+        self.offload = (self.device.type == "cuda") if offload is None else offload
+        self.bundle.transformer.to(self.device)
+        if not self.offload:
+            self.bundle.video_autoencoder.to(self.device)
+            self.bundle.text_encoder.to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, *, registry: Registry | None = None, device=None, **kwargs):
+        """Load a model directory (default: the embedded model shipped with skyloom)."""
+        registry = registry or get_registry()
+        device = torch.device(device) if device is not None else _default_device()
+        bundle = load_bundle(Path(model) if model else DEFAULT_MODEL_DIR, registry, device="cpu")
+        return cls(bundle, registry=registry, device=device, **kwargs)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        requests: GenerationRequest | Sequence[GenerationRequest],
+        *,
+        progress: bool | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate one video per request. Returns a result, or a list for a list of requests."""
+        single = isinstance(requests, GenerationRequest)
+        batch = [requests] if single else list(requests)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        prepared = [self._prepare(r) for r in batch]  # validate every request before running any
+        results = [self._generate(r, progress) for r in prepared]
+        return results[0] if single else results
+
+    def check_prompt(self, text: str, stage: str = "prompt") -> list[SafetyDecision]:
+        """Run only the prompt safety filters; returns every filter's decision."""
+        return check_text(self.safety_filters, text, stage)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _prepare(self, request: GenerationRequest) -> GenerationRequest:
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        defaults = {k: self.defaults[k] for k in ("frames", "width", "height", "fps", "steps", "guidance") if k in self.defaults}
+        defaults["sampler"] = self.sampler if isinstance(self.sampler, str) else self.defaults.get("sampler", "euler")
+        request = request.with_defaults(defaults)
+        request.validate(spatial_multiple=self.bundle.video_autoencoder.spatial_compression)
+        if self.sampler is None or isinstance(self.sampler, str):
+            self.registry.get("sampler", request.sampler)  # unknown names fail before any work
+        return request
+
+    def _base_record(self, request: GenerationRequest) -> dict:
+        b = self.bundle
+        plugins = {
+            "text_encoder": [_plugin_entry(self.registry, "text_encoder", b.index["text_encoder"]["plugin"], None)],
+            "video_autoencoder": [_plugin_entry(self.registry, "video_autoencoder", b.index["video_autoencoder"]["plugin"], None)],
+            "safety_filter": [e for _, e in self.safety_filters],
+            "watermarker": [e for _, e in self.watermarkers],
+            "prompt_enhancer": [self.prompt_enhancer[1]] if self.prompt_enhancer else [],
+            "captioner": [self.captioner[1]] if self.captioner else [],
+        }
+        return {
+            "skyloom_version": __version__,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "frames": request.frames,
+            "width": request.width,
+            "height": request.height,
+            "fps": request.fps,
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "model": {"name": b.name, "path": str(b.path), "hash": b.model_hash, "trained": b.trained},
+            "device": str(self.device),
+            "plugins": plugins,
+            "safety": [],
+            "watermarks": [],
+            "stages": {},
+        }
+
+    def _judge(self, record: dict, decisions: list[SafetyDecision]) -> None:
+        record["safety"].extend(vars(d).copy() for d in decisions)
+        if self.audit_log is not None:
+            self.audit_log.append([
+                {"prompt": record["prompt"], "seed": record["seed"], "model": record["model"]["hash"], **vars(d)}
+                for d in decisions
+            ])
+        for decision in decisions:
+            if not decision.allowed:
+                raise SafetyRefusal(decision, record)
+
+    def _text_safety(self, record: dict, stage: str, text: str) -> None:
+        if not self.safety_filters:
+            return _skip(record, stage, "no safety_filter selected")
+        with _measure(record, stage):
+            decisions = self.check_prompt(text, stage)
+        self._judge(record, decisions)
+
+    def _generate(self, request: GenerationRequest, progress: bool) -> GenerationResult:
+        record = self._base_record(request)
+        bundle = self.bundle
+        vae, transformer = bundle.video_autoencoder, bundle.transformer
+
+        # 1. Prompt safety, enhancement, safety on the enhanced prompt.
+        self._text_safety(record, "prompt_safety", request.prompt)
+        prompt = request.prompt
+        if self.prompt_enhancer is None:
+            _skip(record, "prompt_enhancement", "no prompt_enhancer selected")
+            _skip(record, "enhanced_prompt_safety", "no prompt_enhancer selected")
+        else:
+            with _measure(record, "prompt_enhancement"):
+                prompt = self.prompt_enhancer[0].enhance(prompt)
+            record["enhanced_prompt"] = prompt
+            self._text_safety(record, "enhanced_prompt_safety", prompt)
+
+        # 2. Captions of conditioning media go through the prompt filters too.
+        if not request.conditioning:
+            _skip(record, "conditioning_safety", "no conditioning media")
+        elif self.captioner is None or not self.safety_filters:
+            _skip(record, "conditioning_safety", "no captioner selected" if self.captioner is None else "no safety_filter selected")
+        else:
+            for cond in request.conditioning:
+                caption = self.captioner[0].caption(cond.media, request.fps)
+                record.setdefault("conditioning_captions", []).append(caption)
+                self._text_safety(record, "conditioning_safety", caption)
+
+        # 3. Text encoding: the prompt and the negative prompt (the unconditional branch).
+        encoder = bundle.text_encoder
+        with _measure(record, "text_encoding"):
+            if self.offload:
+                encoder.to(self.device)
+            emb = encoder.encode([prompt, request.negative_prompt])
+            if self.offload:
+                encoder.to("cpu")
+            tokens, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
+
+        # 4. Sampling in latent space.
+        sampler_choice = self.sampler if self.sampler is not None and not isinstance(self.sampler, str) else request.sampler
+        sampler, entry = _resolve(self.registry, "sampler", sampler_choice, request.sampler_options)
+        record["plugins"]["sampler"] = [entry]
+        latent_shape = vae.latent_shape(request.frames, request.height, request.width)
+        C, T, H, W = latent_shape
+        cond_latent, cond_mask = self._encode_conditioning(request, latent_shape, record)
+        shift = float(request.sampler_options.get("shift", self._timestep_shift(latent_shape)))
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        record["sampler"] = {"name": entry["name"], "config": dict(getattr(sampler, "config", {})), "shift": shift}
+        with _measure(record, "sampling"), torch.inference_mode(), self._autocast():
+            sample = torch.randn((1, *latent_shape), generator=generator).to(self.device)
+            sampler.set_timesteps(request.steps, shift=shift)
+            guided = request.guidance != 1.0
+            for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
+                if guided:
+                    x = sample.expand(2, -1, -1, -1, -1)
+                    tt = torch.full((2,), float(t), device=self.device)
+                    v = transformer(x, tt, tokens, mask, cond_latent.expand(2, -1, -1, -1, -1), cond_mask.expand(2, -1))
+                    velocity = classifier_free_guidance(v[:1], v[1:], request.guidance)
+                else:
+                    tt = torch.full((1,), float(t), device=self.device)
+                    velocity = transformer(sample, tt, tokens[:1], mask[:1], cond_latent, cond_mask)
+                sample = sampler.step(velocity.float(), t, sample, generator=generator)
+            # Known latent frames are exactly the conditioning, not the model's reconstruction of it.
+            known = cond_mask.view(1, 1, T, 1, 1).bool()
+            sample = torch.where(known, cond_latent, sample)
+
+        # 5. Decoding to pixels, cropped to the request.
+        with _measure(record, "decoding"), torch.inference_mode(), self._autocast():
+            if self.offload:
+                vae.to(self.device)
+            video = vae.decode(sample.to(next(vae.parameters()).dtype))  # (1, 3, T', H', W') in [-1, 1]
+            if self.offload:
+                vae.to("cpu")
+            video = video[0, :, : request.frames, : request.height, : request.width]
+            frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # (T, H, W, 3)
+
+        # 6. Frame safety.
+        frame_filters = self.safety_filters
+        if not frame_filters:
+            _skip(record, "frame_safety", "no safety_filter selected")
+        else:
+            decisions = []
+            with _measure(record, "frame_safety"):
+                for flt, entry in frame_filters:
+                    decision = flt.check_frames(frames)
+                    if decision is not None:
+                        decision.filter, decision.stage = entry["name"], "frames"
+                        decisions.append(decision)
+            self._judge(record, decisions)
+
+        # 7. Watermarking: model id + a per-generation id.
+        if not self.watermarkers:
+            _skip(record, "watermarking", "no watermarker selected")
+        else:
+            with _measure(record, "watermarking"):
+                payload = bytes.fromhex(bundle.model_hash[:8]) + os.urandom(4)
+                for marker, entry in self.watermarkers:
+                    frames = marker.embed(frames, payload)
+                    record["watermarks"].append({"watermarker": entry["name"], "payload": payload.hex()})
+        return GenerationResult(frames=frames, fps=float(request.fps), record=record)
+
+    def _num_tokens(self, latent_shape) -> int:
+        _, T, H, W = latent_shape
+        pt, ph, pw = self.bundle.transformer.config.patch_size
+        return -(-T // pt) * -(-H // ph) * -(-W // pw)
+
+    def _timestep_shift(self, latent_shape) -> float:
+        """The bundle's `shift` at its default size, growing with the square root of the token
+        count at other sizes (SD3, Open-Sora 1.2): longer and larger videos need more noise."""
+        d = self.defaults
+        base_shape = self.bundle.video_autoencoder.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
+        return resolution_shift(
+            self._num_tokens(latent_shape),
+            base_tokens=self._num_tokens(base_shape),
+            base_shift=float(d.get("shift", 1.0)),
+        )
+
+    def _encode_conditioning(self, request: GenerationRequest, latent_shape, record: dict):
+        """Known frames -> (cond_latent (1, C, T', H', W'), cond_mask (1, T')) on the device."""
+        C, T, H, W = latent_shape
+        cond_latent = torch.zeros((1, C, T, H, W), device=self.device)
+        cond_mask = torch.zeros((1, T), device=self.device)
+        if not request.conditioning:
+            return cond_latent, cond_mask
+        vae = self.bundle.video_autoencoder
+        ct = vae.temporal_compression
+        with torch.inference_mode():
+            for cond in request.conditioning:
+                start = cond.start_frame if cond.start_frame >= 0 else request.frames + cond.start_frame
+                media = cond.media.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (3, T, H, W) in [-1, 1]
+                media = F.interpolate(media, size=(request.height, request.width), mode="bilinear", antialias=True, align_corners=False)
+                # Latent frame 0 covers pixel frame 0; latent frame j >= 1 covers pixel frames (j-1)·ct+1 .. j·ct.
+                first = 0 if start == 0 else 1 + (start - 1) // ct
+                if start != 0 and (start - 1) % ct:
+                    raise ValueError(
+                        f"conditioning starting at frame {start} is not on a latent frame boundary; "
+                        f"use frame 0 or 1 + k·{ct}"
+                    )
+                if start != 0:  # encode behind a copy of its first frame, whose latent is then dropped
+                    media = torch.cat([media[:, :1], media], dim=1)
+                pad = -(media.shape[1] - 1) % ct  # the encoder takes 1 + k·ct frames: repeat the last
+                media = torch.cat([media, media[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+                latent = vae.encode(media[None].to(self.device))
+                if start != 0:
+                    latent = latent[:, :, 1:]
+                n = min(latent.shape[2], T - first)
+                cond_latent[:, :, first : first + n] = latent[:, :, :n].float()
+                cond_mask[:, first : first + n] = 1
+        record["conditioning"] = [{"start_frame": c.start_frame, "frames": int(c.media.shape[0])} for c in request.conditioning]
+        return cond_latent, cond_mask
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()

@@ -1,0 +1,117 @@
+"""What a caller asks for (GenerationRequest) and the checks that turn bad input into clear errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+MAX_FRAMES = 1025
+MAX_SIDE = 2048
+
+
+class RequestError(ValueError):
+    """A request field is invalid; the message names the field and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Known pixels for some frames of the output: an image (1 frame) or a clip.
+
+    media: (T, H, W, 3) uint8 frames; resized to the request's size.
+    start_frame: index of the output frame where `media` begins; negative counts from the end
+        (-1 puts a single image at the last frame).
+    """
+
+    media: torch.Tensor
+    start_frame: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video to generate. Fields left as None take the model's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    frames: int | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None  # None: a random seed, recorded in the result
+    sampler: str | None = None
+    sampler_options: dict = field(default_factory=dict)
+    conditioning: tuple[Conditioning, ...] = ()
+
+    def with_defaults(self, defaults: dict) -> "GenerationRequest":
+        """Fill the None fields from a model's defaults and draw a seed if none was given."""
+        filled = {}
+        for f in fields(self):
+            if getattr(self, f.name) is None and f.name in defaults:
+                filled[f.name] = defaults[f.name]
+        if self.seed is None and "seed" not in filled:
+            filled["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
+        return replace(self, **filled)
+
+    def validate(self, *, spatial_multiple: int = 1) -> None:
+        """Raise RequestError naming the first invalid field; call after with_defaults."""
+        if not isinstance(self.prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise RequestError("prompt is empty: describe the video to generate")
+        if not isinstance(self.negative_prompt, str):
+            raise RequestError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        _check_int("frames", self.frames, 1, MAX_FRAMES, "a still image is --frames 1")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check_int(name, value, spatial_multiple, MAX_SIDE, "sizes are written WIDTHxHEIGHT, e.g. 64x64")
+            if value % spatial_multiple:
+                lower = value // spatial_multiple * spatial_multiple
+                raise RequestError(
+                    f"{name} {value} is not a multiple of {spatial_multiple} (the model's spatial compression); "
+                    f"use {lower or spatial_multiple} or {lower + spatial_multiple}"
+                )
+        _check_float("fps", self.fps, 0.0, 240.0)
+        _check_int("steps", self.steps, 1, 1000, "e.g. --steps 30")
+        _check_float("guidance", self.guidance, 0.0, 100.0, inclusive_low=True)
+        _check_int("seed", self.seed, 0, 2**63 - 1, "any non-negative integer")
+        if not isinstance(self.sampler_options, dict):
+            raise RequestError("sampler_options must be a dict of keyword arguments for the sampler")
+        for index, cond in enumerate(self.conditioning):
+            media = cond.media
+            where = f"conditioning[{index}].media"
+            if not isinstance(media, torch.Tensor) or media.dtype != torch.uint8 or media.dim() != 4 or media.shape[-1] != 3:
+                shape = tuple(media.shape) if isinstance(media, torch.Tensor) else type(media).__name__
+                raise RequestError(f"{where} must be a (T, H, W, 3) uint8 tensor, got {shape}")
+            start = cond.start_frame if cond.start_frame >= 0 else self.frames + cond.start_frame
+            if start < 0 or start + media.shape[0] > self.frames:
+                raise RequestError(
+                    f"conditioning[{index}] covers frames {start}..{start + media.shape[0] - 1}, "
+                    f"outside the {self.frames} requested frames"
+                )
+
+
+def _check_int(name, value, low, high, hint=""):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}" + (f" ({hint})" if hint else ""))
+
+
+def _check_float(name, value, low, high, inclusive_low=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    if value > high or value < low or (value == low and not inclusive_low):
+        bound = ">=" if inclusive_low else ">"
+        raise RequestError(f"{name} must be {bound} {low} and <= {high}, got {value}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height), e.g. '80x48' -> (80, 48)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise RequestError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 64x64 or 80x48")
+    width, height = (int(p) for p in parts)
+    return width, height

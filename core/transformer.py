@@ -1,0 +1,368 @@
+"""SpacetimeDiT: the diffusion transformer that predicts rectified-flow velocities on latent video.
+
+After facebookresearch/DiT: patchify, N blocks with adaLN-Zero timestep conditioning, a final
+adaLN layer, unpatchify. What video adds:
+
+- spacetime patches (pt, ph, pw) through skyloom.ops.patchify; the model pads T/H/W up to the
+  patch grid itself and crops after unpatchify, so any latent size works;
+- 3D rotary position embeddings (head_dim split among the t, h and w axes), so any length,
+  size and aspect ratio work with no position tables;
+- self-attention through skyloom.ops.spacetime_attention, each block "spatial" (within a
+  frame), "temporal" (across frames at one position) or "full";
+- cross-attention to the text tokens, with the padding masked out;
+- frame conditioning: known latent frames (cond_latent, where cond_mask is 1) are concatenated
+  to the noisy latent on channels, so one model does text-to-video, image-to-video and
+  extension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from skyloom import ops
+
+ATTENTION_MODES = ("full", "spatial", "temporal")
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 8  # C: latent channels (the input is [x, cond_latent, cond_mask]: 2C+1)
+    text_dim: int = 384  # width of the text encoder's token embeddings (MiniLM: 384)
+    hidden_size: int = 384  # transformer width
+    depth: int = 12  # number of blocks
+    num_heads: int = 6  # attention heads; head_dim = hidden_size / num_heads
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent voxels per token
+    mlp_ratio: float = 4.0  # MLP hidden width / hidden_size
+    attention_modes: tuple[str, ...] = ("spatial", "temporal")  # per block, repeated to depth
+    rope_theta: float = 10000.0  # RoPE base
+    rope_axes_dim: tuple[int, int, int] | None = None  # head_dim split among (t, h, w); None: ~1/4 to t
+    qk_norm: bool = True  # RMS-normalise queries and keys per head (stabler training)
+    pooled_text: bool = True  # add the mask-averaged text tokens to the timestep embedding
+    gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.attention_modes = (self.attention_modes,) if isinstance(self.attention_modes, str) else tuple(self.attention_modes)
+        if self.rope_axes_dim is not None:
+            self.rope_axes_dim = tuple(int(d) for d in self.rope_axes_dim)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size}")
+        bad = [m for m in self.attention_modes if m not in ATTENTION_MODES]
+        if bad or not self.attention_modes:
+            raise ValueError(f"attention_modes must be a non-empty sequence of {ATTENTION_MODES}, got {self.attention_modes}")
+        axes = self.rope_dims
+        if sum(axes) != self.head_dim or any(d % 2 for d in axes):
+            raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """(t, h, w) shares of head_dim: h and w equal, the rest (about a quarter) to t."""
+        if self.rope_axes_dim is not None:
+            return self.rope_axes_dim
+        hw = 2 * ((self.head_dim * 3 // 8) // 2)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+    @property
+    def block_modes(self) -> tuple[str, ...]:
+        """The attention mode of each block: attention_modes repeated to depth."""
+        return tuple(self.attention_modes[i % len(self.attention_modes)] for i in range(self.depth))
+
+    def to_dict(self) -> dict:
+        """JSON-ready values (tuples as lists), for model_index.json."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+
+# Size variants (DiT's naming); build one with dit_config("DiT-S", in_channels=..., ...).
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "DiT-XS": DiTConfig(hidden_size=192, depth=6, num_heads=3),
+    "DiT-S": DiTConfig(hidden_size=384, depth=12, num_heads=6),
+    "DiT-B": DiTConfig(hidden_size=768, depth=12, num_heads=12),
+    "DiT-L": DiTConfig(hidden_size=1024, depth=24, num_heads=16),
+}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """The named size variant with `overrides` applied (e.g. text_dim, patch_size)."""
+    if name not in DIT_CONFIGS:
+        raise KeyError(f"unknown DiT size {name!r}; valid sizes: {', '.join(DIT_CONFIGS)}")
+    return replace(DIT_CONFIGS[name], **overrides)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --- embedders -----------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, hidden): sinusoidal features of 1000·t through an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.sinusoidal(1000.0 * t, self.frequency_size)  # (B, 256)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, hidden)
+
+
+class RotaryEmbedding3D(nn.Module):
+    """Rotations for the (t, h, w) position of every token: each axis rotates its share of head_dim."""
+
+    def __init__(self, axes_dim: tuple[int, int, int], theta: float):
+        super().__init__()
+        self.axes_dim, self.theta = axes_dim, theta
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T', S, 1, head_dim/2), for a T'×H'×W' token grid."""
+        angles = []
+        for n, dim in zip(grid, self.axes_dim):
+            inv = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # (dim/2,)
+            angles.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv)  # (n, dim/2)
+        gt, gh, gw = grid
+        a_t = angles[0][:, None, None].expand(gt, gh, gw, -1)  # (T', H', W', dt/2)
+        a_h = angles[1][None, :, None].expand(gt, gh, gw, -1)  # (T', H', W', dh/2)
+        a_w = angles[2][None, None, :].expand(gt, gh, gw, -1)  # (T', H', W', dw/2)
+        angle = torch.cat([a_t, a_h, a_w], dim=-1).reshape(gt, gh * gw, 1, -1)  # (T', S, 1, head_dim/2)
+        return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, T', S, heads, head_dim) by the position angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T', S, heads, head_dim/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T', S, heads, head_dim/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T', S, heads, head_dim)
+
+
+# --- blocks --------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig, mode: str):
+        super().__init__()
+        self.mode, self.num_heads = mode, cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, S, 3, self.num_heads, -1).unbind(3)  # (B, T', S, heads, head_dim) each
+        q = apply_rope(self.q_norm(q), *rope)  # (B, T', S, heads, head_dim)
+        k = apply_rope(self.k_norm(k), *rope)  # (B, T', S, heads, head_dim)
+        out = ops.spacetime_attention(q, k, v, self.mode)  # (B, T', S, heads, head_dim)
+        return self.proj(out.reshape(B, T, S, D))  # (B, T', S, D)
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to the text tokens; padded text tokens are masked out."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q = self.q_norm(self.q(x).view(B, N, self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, head_dim)
+        k, v = self.kv(text).view(B, text.shape[1], 2, self.num_heads, -1).unbind(2)  # (B, L, heads, head_dim) each
+        k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, head_dim) each
+        # A prompt with no real token attends to nothing: let it see all keys, then zero its output.
+        has_text = text_mask.any(dim=1)  # (B,)
+        mask = (text_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
+        out = out.transpose(1, 2).reshape(B, N, D) * has_text.view(B, 1, 1).to(x.dtype)  # (B, N, D)
+        return self.proj(out)  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention (spatial/temporal/full), cross-attention to text, and an MLP."""
+
+    def __init__(self, cfg: DiTConfig, mode: str):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg, mode)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=True, eps=1e-6)
+        self.cross = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c, text, text_mask, rope):
+        B, T, S, D = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
+        h = modulate(self.norm1(x).view(B, T * S, D), shift_msa, scale_msa)  # (B, N, D)
+        x = x + gate_msa.view(B, 1, 1, D) * self.attn(h.view(B, T, S, D), rope)  # (B, T', S, D)
+        x = x + self.cross(self.norm2(x).view(B, T * S, D), text, text_mask).view(B, T, S, D)  # (B, T', S, D)
+        h = modulate(self.norm3(x).view(B, T * S, D), shift_mlp, scale_mlp)  # (B, N, D)
+        return x + gate_mlp.view(B, 1, 1, D) * self.mlp(h).view(B, T, S, D)  # (B, T', S, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, math.prod(cfg.patch_size) * cfg.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, C·pt·ph·pw)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+class SpacetimeDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        D, C = cfg.hidden_size, cfg.in_channels
+        self.x_embedder = nn.Linear((2 * C + 1) * math.prod(cfg.patch_size), D)  # [x, cond_latent, cond_mask] patches
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.pool_embedder = (
+            nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D)) if cfg.pooled_text else None
+        )
+        self.rope = RotaryEmbedding3D(cfg.rope_dims, cfg.rope_theta)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init. Zeroed, so every block starts as the identity and the output as exactly 0:
+        each block's adaLN modulation and cross-attention output projection, and the final
+        layer's adaLN modulation and linear."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        # Patch embedding like a conv's: xavier over the flattened patch (as DiT's x_embedder.proj).
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        # Timestep and text embedding MLPs: small normal, as DiT.
+        for mlp in (self.t_embedder.mlp, self.y_embedder, self.pool_embedder):
+            if mlp is not None:
+                nn.init.normal_(mlp[0].weight, std=0.02)
+                nn.init.normal_(mlp[2].weight, std=0.02)
+        # adaLN-Zero: gates start at zero, so each block is the identity at init.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(block.cross.proj.weight)
+            nn.init.zeros_(block.cross.proj.bias)
+        # Output layer: zero, so the initial velocity is exactly 0.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_inputs(self, x, t, text_tokens, text_mask, cond_latent, cond_mask) -> torch.Tensor:
+        C, Dt = self.config.in_channels, self.config.text_dim
+        if x.dim() != 5 or x.shape[1] != C:
+            raise ValueError(f"x must be (B, {C}, T, H, W) latents, got shape {tuple(x.shape)}")
+        B, _, T = x.shape[:3]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be a float or a (B,) = ({B},) tensor of times in [0, 1], got shape {tuple(t.shape)}")
+        if text_tokens.dim() != 3 or text_tokens.shape[0] != B or text_tokens.shape[2] != Dt:
+            raise ValueError(f"text_tokens must be (B={B}, L, text_dim={Dt}), got shape {tuple(text_tokens.shape)}")
+        if text_mask.shape != text_tokens.shape[:2]:
+            raise ValueError(f"text_mask must be (B, L) = {tuple(text_tokens.shape[:2])}, got shape {tuple(text_mask.shape)}")
+        if cond_latent is not None and cond_latent.shape != x.shape:
+            raise ValueError(f"cond_latent must have x's shape {tuple(x.shape)}, got {tuple(cond_latent.shape)}")
+        if cond_mask is not None and cond_mask.shape != (B, T):
+            raise ValueError(f"cond_mask must be (B, T) = ({B}, {T}), got shape {tuple(cond_mask.shape)}")
+        return t
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        cond_latent: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The rectified-flow velocity (noise - data) at noisy latents x and time t.
+
+        x: (B, C, T, H, W) noisy latents; any T, H, W (padded to the patch grid internally).
+        t: (B,) or a scalar, in [0, 1], 1 = pure noise.
+        text_tokens: (B, L, text_dim); text_mask: (B, L) bool, True for real tokens.
+        cond_latent: (B, C, T, H, W) known clean latent frames, zeros elsewhere (None: zeros).
+        cond_mask: (B, T), 1 where a latent frame is given (None: no frame is given).
+        Returns (B, C, T, H, W).
+        """
+        t = self._check_inputs(x, t, text_tokens, text_mask, cond_latent, cond_mask)
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.config.patch_size
+        cond_latent = torch.zeros_like(x) if cond_latent is None else cond_latent.to(x.dtype)
+        cond_mask = x.new_zeros(B, T) if cond_mask is None else cond_mask.to(x.dtype)
+        text_mask = text_mask.bool()
+
+        mask_channel = cond_mask.view(B, 1, T, 1, 1).expand(B, 1, T, H, W)  # (B, 1, T, H, W)
+        h = torch.cat([x, cond_latent, mask_channel], dim=1)  # (B, 2C+1, T, H, W)
+        h = F.pad(h, (0, -W % pw, 0, -H % ph, 0, -T % pt))  # (B, 2C+1, T'·pt, H'·ph, W'·pw)
+        grid = (h.shape[2] // pt, h.shape[3] // ph, h.shape[4] // pw)  # (T', H', W')
+        h = ops.patchify(h, (pt, ph, pw))  # (B, N, (2C+1)·pt·ph·pw), N = T'·H'·W'
+        h = self.x_embedder(h).view(B, grid[0], grid[1] * grid[2], -1)  # (B, T', S, D), S = H'·W'
+
+        c = self.t_embedder(t)  # (B, D)
+        text = self.y_embedder(text_tokens)  # (B, L, D)
+        if self.pool_embedder is not None:
+            weights = text_mask.to(text_tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, text_dim)
+            c = c + self.pool_embedder(pooled)  # (B, D)
+        rope = self.rope(grid, x.device)  # (T', S, 1, head_dim/2) cos and sin
+
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, text, text_mask, rope, use_reentrant=False)  # (B, T', S, D)
+            else:
+                h = block(h, c, text, text_mask, rope)  # (B, T', S, D)
+
+        out = self.final_layer(h.flatten(1, 2), c)  # (B, N, C·pt·ph·pw)
+        out = ops.unpatchify(out, (pt, ph, pw), grid)  # (B, C, T'·pt, H'·ph, W'·pw)
+        return out[:, :, :T, :H, :W]  # (B, C, T, H, W)

@@ -1,0 +1,117 @@
+"""The `skyloom` command: generate writes exactly what was asked or nothing, with one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from skyloom.cli import main
+from skyloom.video_io import read_video
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("generate", "plugins", "doctor"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "64"], "size '64' is not WIDTHxHEIGHT"),
+        (["--size", "60x64"], "width 60 is not a multiple of 8"),
+        (["--frames", "0"], "frames must be between 1 and"),
+        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--sampler", "warp-drive"], "unknown sampler 'warp-drive'; valid names: ddim, ddpm, dpmpp-2m, euler, heun"),
+        (["--fps", "-1"], "fps must be > 0.0"),
+    ],
+)
+def test_invalid_arguments_fail_with_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "out.mp4"
+    result = invoke("generate", "a red circle", "-o", str(out), "--steps", "1", *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name, extra, message",
+    [
+        ("out.avi", [], "unsupported file type '.avi'; use .mp4 for video or .png for one frame"),
+        ("out.png", ["--frames", "5"], "a .png holds one frame but --frames is 5"),
+        ("missing/out.mp4", [], "does not exist"),
+    ],
+)
+def test_bad_output_paths_fail_before_any_work(tmp_path, name, extra, message):
+    result = invoke("generate", "a red circle", "-o", str(tmp_path / name), *extra)
+    assert result.exit_code == 1 and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_directory(tmp_path, monkeypatch):
+    # Simulated: root (as in CI) can write anywhere, so a chmod would prove nothing.
+    monkeypatch.setattr("skyloom.cli.os.access", lambda path, mode: False)
+    result = invoke("generate", "a red circle", "-o", str(tmp_path / "out.mp4"))
+    assert result.exit_code == 1 and f"directory {tmp_path} is not writable" in result.output
+
+
+@pytest.mark.parametrize(
+    "name, frames, size",
+    [("clip.mp4", 17, "64x64"), ("wide.mp4", 9, "80x48"), ("still.png", 1, "64x64")],
+)
+def test_generate_writes_the_requested_frames_and_size(tmp_path, name, frames, size):
+    out = tmp_path / name
+    result = invoke("generate", "a red circle moves left", "-o", str(out), "--frames", str(frames),
+                    "--size", size, "--steps", "2", "--seed", "1", "--json")
+    assert result.exit_code == 0, result.output
+    video, _ = read_video(out)
+    width, height = map(int, size.split("x"))
+    assert tuple(video.shape) == (frames, height, width, 3)
+    record = json.loads(result.stdout)
+    assert record["frames"] == frames and record["seed"] == 1 and record["output"] == str(out)
+    assert set(record["stages"]) >= {"prompt_safety", "text_encoding", "sampling", "decoding", "writing"}
+    assert record["stages"]["sampling"]["seconds"] >= 0 and record["stages"]["sampling"]["peak_rss_bytes"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_untrained_model_says_so(tmp_path):
+    result = invoke("generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--frames", "1", "--size", "64x64", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "is untrained (random weights)" in result.stderr
+
+
+def test_plugins_json_lists_builtins_with_kinds():
+    result = invoke("plugins", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert all({"kind", "name", "package", "version"} <= set(row) for row in rows)
+    names = {(row["kind"], row["name"]) for row in rows}
+    assert {("sampler", "euler"), ("text_encoder", "minilm"), ("video_autoencoder", "causal3d")} <= names
+
+
+def test_doctor_reports_build_devices_and_versions():
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["build"]["cuda"] in (True, False) and report["build"]["torch_version"]
+    assert report["devices"]["cpu"]["usable"] is True
+    assert "torch" in report["versions"] and "av" in report["versions"]
+    assert "skyloom" in report["plugin_packages"]
+    text = invoke("doctor").output
+    assert "extension: built with" in text and "devices: cpu" in text
+
+
+def test_strict_plugins_flag_is_passed_to_loading(tmp_path):
+    # A subprocess: the flag sets the environment before the process-wide registry loads.
+    env = {**os.environ, "SKYLOOM_DISABLE_PLUGINS": ""}
+    proc = subprocess.run([sys.executable, "-m", "skyloom", "--strict-plugins", "plugins"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "sampler:" in proc.stdout

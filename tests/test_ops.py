@@ -1,0 +1,233 @@
+"""skyloom.ops against the pure-PyTorch references in skyloom.reference_ops: outputs and gradients,
+every dtype and mask, awkward sizes and strides, the fake/autograd registrations (opcheck), and the
+errors a caller gets for bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skyloom import ops, reference_ops
+from tests.strategies import attention_problems, low_precision_dtypes, patch_problems
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+LAYOUTS = ["contiguous", "permuted", "sliced", "head_dim_strided"]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as t (B, T, S, heads, D) in another memory layout."""
+    if layout == "permuted":  # stored (B, S, heads, T, D), as a temporal block would hold it
+        return t.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+    if layout == "sliced":  # rows padded in memory: unit stride over D, gaps between tokens
+        return torch.cat([t, torch.zeros_like(t[..., :3])], dim=-1)[..., : t.shape[-1]]
+    if layout == "head_dim_strided":  # head_dim not unit-stride
+        return t.transpose(3, 4).contiguous().transpose(3, 4)
+    return t
+
+
+def _attention_inputs(problem, dtype, device, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(problem["shape"], generator=g, dtype=torch.float64) for _ in range(3))
+    valid = problem["valid_lengths"]
+    valid = None if valid is None else torch.tensor(valid, device=device)
+    return [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in (q, k, v)], valid
+
+
+def _run(fn, q, k, v, problem, valid, grad_out):
+    out = fn(q, k, v, problem["mode"], causal=problem["causal"], valid_lengths=valid)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return (out, *grads)
+
+
+# --- patchify ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=patch_problems(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       strided=st.booleans())
+@settings(max_examples=20)
+def test_patchify_matches_reference_and_round_trips(device, problem, dtype, strided):
+    shape, patch = problem
+    x = torch.randn(shape).to(device=device, dtype=dtype)
+    if strided:  # channels-last-like storage: W is not the unit-stride axis
+        x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    tokens = ops.patchify(x, patch)
+    assert torch.equal(tokens, reference_ops.patchify(x, patch))
+    grid = (shape[2] // patch[0], shape[3] // patch[1], shape[4] // patch[2])
+    assert torch.equal(ops.unpatchify(tokens, patch, grid), x)  # bit-exact identity
+    strided_tokens = tokens.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(ops.unpatchify(strided_tokens, patch, grid), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patchify_gradients_are_unpatchify(device):
+    x = torch.randn(2, 3, 4, 6, 10, device=device, requires_grad=True)
+    tokens = ops.patchify(x, (2, 3, 2))
+    grad = torch.randn_like(tokens)
+    (gx,) = torch.autograd.grad(tokens, x, grad)
+    assert torch.equal(gx, reference_ops.unpatchify(grad, (2, 3, 2), (2, 2, 5)))
+    t = tokens.detach().requires_grad_(True)
+    (gt,) = torch.autograd.grad(ops.unpatchify(t, (2, 3, 2), (2, 2, 5)), t, x.detach())
+    assert torch.equal(gt, reference_ops.patchify(x.detach(), (2, 3, 2)))
+
+
+def test_patchify_gradcheck_float64():
+    x = torch.randn(1, 2, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.patchify(x, (2, 2, 3)), (x,))
+    t = torch.randn(1, 2, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.unpatchify(t, (2, 2, 3), (1, 2, 1)), (t,))
+
+
+def test_patch_ops_opcheck():
+    x = torch.randn(2, 3, 4, 6, 10, requires_grad=True)
+    torch.library.opcheck(torch.ops.skyloom.patchify, (x, [2, 3, 2]))
+    t = torch.randn(2, 20, 36, requires_grad=True)
+    torch.library.opcheck(torch.ops.skyloom.unpatchify, (t, [2, 3, 2], [2, 2, 5]))
+
+
+def test_patchify_bad_inputs():
+    x = torch.randn(1, 3, 4, 6, 10)
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        ops.patchify(x, (3, 2, 2))
+    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
+        ops.patchify(x[0], (1, 2, 2))
+    with pytest.raises(TypeError, match="float32"):
+        ops.patchify(x.to(torch.int32), (1, 2, 2))
+    with pytest.raises(ValueError, match="patch_size"):
+        ops.patchify(x, (1, 0, 2))
+    with pytest.raises(TypeError, match="patch_size"):
+        ops.patchify(x, 2)
+    tokens = ops.patchify(x, (2, 2, 2))
+    with pytest.raises(ValueError, match="grid"):
+        ops.unpatchify(tokens, (2, 2, 2), (2, 3, 4))
+    with pytest.raises(ValueError, match="features"):
+        ops.unpatchify(tokens[..., :-1], (2, 2, 2), (2, 3, 5))
+    with pytest.raises(RuntimeError, match="not divisible"):  # the op itself checks too
+        torch.ops.skyloom.patchify(x, [3, 2, 2])
+
+
+# --- spacetime attention -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=attention_problems(), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
+@settings(max_examples=30)
+def test_attention_float32_matches_reference(device, problem, layout, seed):
+    if device == "cuda" and problem["shape"][-1] not in ops.CUDA_HEAD_DIMS:
+        problem = dict(problem, shape=problem["shape"][:-1] + (32,))
+    (q, k, v), valid = _attention_inputs(problem, torch.float32, device, seed)
+    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    ours = _run(ops.spacetime_attention, *(_layout(x, layout) for x in (q, k, v)), problem, valid, grad_out)
+    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({problem}): {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=attention_problems(max_tokens=96), dtype_name=low_precision_dtypes, seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_attention_low_precision_error_within_twice_torchs(device, problem, dtype_name, seed):
+    """Against a float64 reference, our fp16/bf16 error is at most 2x PyTorch's own at that precision."""
+    if device == "cuda" and problem["shape"][-1] not in ops.CUDA_HEAD_DIMS:
+        problem = dict(problem, shape=problem["shape"][:-1] + (64,))
+    dtype = getattr(torch, dtype_name)
+    (q, k, v), valid = _attention_inputs(problem, dtype, device, seed)
+    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    torch_low = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    exact_inputs = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
+    exact = _run(reference_ops.spacetime_attention, *exact_inputs, problem,
+                 None if valid is None else valid.cpu(), grad_out.double().cpu())
+    eps = 1e-3 if dtype == torch.float16 else 8e-3
+    for name, a, b, e in zip(("out", "grad_q", "grad_k", "grad_v"), ours, torch_low, exact):
+        ours_err = (a.double().cpu() - e).abs().max().item()
+        torch_err = (b.double().cpu() - e).abs().max().item()
+        assert ours_err <= 2 * torch_err + eps * max(1.0, e.abs().max().item()), (name, ours_err, torch_err, problem)
+
+
+CASES = [  # (mode, causal, valid_lengths)
+    ("full", False, None),
+    ("full", True, None),
+    ("full", False, [2, 1]),
+    ("full", True, [1, 3]),
+    ("spatial", False, None),
+    ("temporal", False, None),
+    ("temporal", True, None),
+]
+
+
+@pytest.mark.parametrize("mode,causal,valid", CASES)
+def test_attention_gradcheck_float64(mode, causal, valid):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 2, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lengths = None if valid is None else torch.tensor(valid)
+    fn = lambda q, k, v: ops.spacetime_attention(q, k, v, mode, causal=causal, valid_lengths=lengths)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+    # float64 agrees with the reference to rounding, which makes gradcheck meaningful for the kernel
+    torch.testing.assert_close(fn(q, k, v), reference_ops.spacetime_attention(q, k, v, mode, causal=causal,
+                                                                             valid_lengths=lengths))
+
+
+@pytest.mark.parametrize("mode,causal,valid", CASES)
+def test_attention_opcheck(mode, causal, valid):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 5, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    lengths = None if valid is None else torch.tensor(valid)
+    scale = 1 / math.sqrt(8)
+    torch.library.opcheck(torch.ops.skyloom.spacetime_attention_forward, (q, k, v, mode, causal, scale, lengths))
+    out, lse = torch.ops.skyloom.spacetime_attention_forward(q, k, v, mode, causal, scale, lengths)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mode, causal, scale, lengths)
+    torch.library.opcheck(torch.ops.skyloom.spacetime_attention_backward, args)
+
+
+def test_attention_long_sequence_crosses_tiles():
+    """More queries and keys than one tile (256 x 64), with a causal mask that cuts tiles mid-way."""
+    problem = dict(shape=(1, 5, 67, 1, 16), mode="full", causal=True, valid_lengths=[4])
+    (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 3)
+    grad_out = torch.randn(problem["shape"])
+    ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_default_scale_and_explicit_scale():
+    q, k, v = (torch.randn(1, 2, 3, 1, 16) for _ in range(3))
+    torch.testing.assert_close(ops.spacetime_attention(q, k, v), ops.spacetime_attention(q, k, v, scale=0.25))
+    torch.testing.assert_close(ops.spacetime_attention(q, k, v, scale=0.7),
+                               reference_ops.spacetime_attention(q, k, v, scale=0.7))
+
+
+def test_attention_bad_inputs():
+    q = torch.randn(1, 2, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"\(B, T, S, heads, head_dim\)"):
+        ops.spacetime_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="k has shape"):
+        ops.spacetime_attention(q, q[:, :1], q)
+    with pytest.raises(TypeError, match="v is torch.float16"):
+        ops.spacetime_attention(q, q, q.half())
+    with pytest.raises(TypeError, match="float32"):
+        ops.spacetime_attention(q.int(), q.int(), q.int())
+    with pytest.raises(ValueError, match="mode"):
+        ops.spacetime_attention(q, q, q, "diagonal")
+    with pytest.raises(ValueError, match="spatial"):
+        ops.spacetime_attention(q, q, q, "spatial", causal=True)
+    with pytest.raises(ValueError, match="mode='full'"):
+        ops.spacetime_attention(q, q, q, "temporal", valid_lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        ops.spacetime_attention(q, q, q, valid_lengths=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="integer"):
+        ops.spacetime_attention(q, q, q, valid_lengths=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        ops.spacetime_attention(q, q, q, valid_lengths=torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="must match"):  # the op checks too
+        torch.ops.skyloom.spacetime_attention_forward(q, q[:, :1], q, "full", False, 1.0, None)
+
+
+@pytest.mark.cuda
+def test_attention_cuda_rejects_unsupported_head_dim():
+    q = torch.randn(1, 2, 3, 2, 59, device="cuda")
+    with pytest.raises(ValueError, match="head_dim 59"):
+        ops.spacetime_attention(q, q, q)

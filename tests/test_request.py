@@ -1,0 +1,80 @@
+"""Request validation: every invalid field is named; every valid request passes."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skyloom.request import MAX_FRAMES, Conditioning, GenerationRequest, RequestError, parse_size
+from tests.strategies import valid_requests
+
+DEFAULTS = {"frames": 17, "width": 64, "height": 64, "fps": 8.0, "steps": 30, "guidance": 5.0, "sampler": "euler"}
+
+
+@given(valid_requests())
+def test_valid_requests_pass(request):
+    request.validate(spatial_multiple=8)
+
+
+@given(st.integers(0, 2**31 - 1) | st.none())
+def test_defaults_fill_only_missing_fields_and_a_seed_is_always_set(seed):
+    request = GenerationRequest("a red circle", frames=9, seed=seed).with_defaults(DEFAULTS)
+    assert request.frames == 9 and request.width == 64 and request.sampler == "euler"
+    assert request.seed == seed if seed is not None else 0 <= request.seed < 2**31
+    request.validate(spatial_multiple=8)
+
+
+@given(st.integers(-5, 0) | st.integers(MAX_FRAMES + 1, 10**6))
+def test_frame_count_out_of_range_is_named(frames):
+    with pytest.raises(RequestError, match=f"frames must be between 1 and {MAX_FRAMES}, got {frames}"):
+        GenerationRequest("x", frames=frames).with_defaults(DEFAULTS).validate(spatial_multiple=8)
+
+
+@given(st.integers(9, 2047).filter(lambda v: v % 8))
+def test_size_off_the_grid_suggests_the_neighbours(width):
+    with pytest.raises(RequestError) as error:
+        GenerationRequest("x", width=width).with_defaults(DEFAULTS).validate(spatial_multiple=8)
+    lower = width // 8 * 8
+    assert f"width {width} is not a multiple of 8" in str(error.value) and f"use {lower} or {lower + 8}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompt", "   ", "prompt is empty"),
+        ("frames", 2.5, "frames must be an integer"),
+        ("height", 0, "height must be between 8 and 2048"),
+        ("fps", 0.0, "fps must be > 0.0"),
+        ("fps", float("nan"), "fps must be a finite number"),
+        ("steps", 0, "steps must be between 1 and 1000"),
+        ("guidance", -1.0, "guidance must be >= 0.0"),
+        ("seed", -3, "seed must be between 0"),
+        ("sampler_options", [1], "sampler_options must be a dict"),
+    ],
+)
+def test_invalid_field_is_named(field, value, message):
+    kwargs = {"prompt": "x", field: value} if field != "prompt" else {"prompt": value}
+    with pytest.raises(RequestError, match=message):
+        GenerationRequest(**kwargs).with_defaults(DEFAULTS).validate(spatial_multiple=8)
+
+
+def test_conditioning_is_checked():
+    bad = GenerationRequest("x", conditioning=(Conditioning(torch.zeros(2, 8, 8, 3)),))
+    with pytest.raises(RequestError, match=r"conditioning\[0\].media must be a \(T, H, W, 3\) uint8 tensor"):
+        bad.with_defaults(DEFAULTS).validate(spatial_multiple=8)
+    late = GenerationRequest("x", frames=9, conditioning=(Conditioning(torch.zeros(3, 8, 8, 3, dtype=torch.uint8), start_frame=8),))
+    with pytest.raises(RequestError, match="covers frames 8..10, outside the 9 requested frames"):
+        late.with_defaults(DEFAULTS).validate(spatial_multiple=8)
+    last = GenerationRequest("x", frames=9, conditioning=(Conditioning(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), start_frame=-1),))
+    last.with_defaults(DEFAULTS).validate(spatial_multiple=8)
+
+
+@given(st.integers(1, 4096), st.integers(1, 4096), st.sampled_from(["x", "X", "×"]))
+def test_parse_size_reads_width_then_height(width, height, sep):
+    assert parse_size(f"{width}{sep}{height}") == (width, height)
+
+
+@pytest.mark.parametrize("text", ["64", "64x", "x64", "64x64x3", "sixty-four", "-64x64", "64.5x64"])
+def test_parse_size_rejects_malformed(text):
+    with pytest.raises(RequestError, match="is not WIDTHxHEIGHT"):
+        parse_size(text)
