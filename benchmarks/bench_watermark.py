@@ -132,7 +132,7 @@ def clip_texture(rng, frames, size):
         field += np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period + rng.uniform(0, 6.3))
     field = field / (np.abs(field).max() + 1e-9) + 0.3 * rng.standard_normal(field.shape)
     speed = rng.uniform(-2, 2, size=2)
-    luma = 128 + rng.uniform(20, 70) * np.stack([_pan(field, t, frames, size, size, speed) for t in range(frames)])
+    luma = 128 + rng.uniform(15, 45) * np.stack([_pan(field, t, frames, size, size, speed) for t in range(frames)])
     return _colourise(luma, rng)
 
 

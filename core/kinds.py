@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -69,6 +69,12 @@ class VideoAutoencoder(torch.nn.Module, ABC):
     @abstractmethod
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, T', H', W') latents -> (B, 3, T, H, W) pixels in [-1, 1]."""
+
+    def iter_decode(self, latent: torch.Tensor, chunk_frames: int = 2) -> Iterator[torch.Tensor]:
+        """Decode `chunk_frames` latent frames at a time, yielding (B, 3, t, H, W) pixel chunks in
+        order, so that a long video never has all its decoder activations alive at once.
+        Override to carry causal state between chunks; this default decodes in one piece."""
+        yield self.decode(latent)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """The latent (C', T', H', W') that covers a video of this size, rounding up."""

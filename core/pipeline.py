@@ -44,7 +44,8 @@ STAGES = (
     "writing",
 )
 
-DEFAULT = object()  # "use the model's or the registry's default" for plugin arguments
+DEFAULT = object()
+DECODE_CHUNK_FRAMES = 4  # latent frames per decoder call: bounds decoder memory for long videos  # "use the model's or the registry's default" for plugin arguments
 
 
 class SafetyRefusal(Exception):
@@ -220,7 +221,7 @@ class Pipeline:
         single = isinstance(requests, GenerationRequest)
         batch = [requests] if single else list(requests)
         if progress is None:
-            progress = sys.stderr.isatty()
+            progress = sys.stdout.isatty()  # the bar itself goes to stderr
         prepared = [self._prepare(r) for r in batch]  # validate every request before running any
         results = [self._generate(r, progress) for r in prepared]
         return results[0] if single else results
@@ -355,16 +356,18 @@ class Pipeline:
             known = cond_mask.view(1, 1, T, 1, 1).bool()
             sample = torch.where(known, cond_latent, sample)
 
-        # 5. Decoding to pixels, cropped to the request.
+        # 5. Decoding to pixels, a few latent frames at a time; only uint8 frames accumulate.
         with _measure(record, "decoding"), torch.inference_mode(), self._autocast():
             if self.offload:
                 vae.to(self.device)
-            video = vae.decode(sample.to(next(vae.parameters()).dtype))  # (1, 3, T', H', W') in [-1, 1]
+            chunks = []
+            latent = sample.to(next(vae.parameters()).dtype)
+            for pixels in vae.iter_decode(latent, chunk_frames=DECODE_CHUNK_FRAMES):  # (1, 3, t, H', W') in [-1, 1]
+                pixels = pixels[0, :, :, : request.height, : request.width]
+                chunks.append(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
             if self.offload:
                 vae.to("cpu")
-            video = video[0, :, : request.frames, : request.height, : request.width]
-            frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            frames = frames.permute(1, 2, 3, 0).contiguous().cpu()  # (T, H, W, 3)
+            frames = torch.cat(chunks, dim=1)[:, : request.frames].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
 
         # 6. Frame safety.
         frame_filters = self.safety_filters

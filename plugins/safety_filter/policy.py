@@ -73,9 +73,9 @@ _SETTINGS = {
     "fuzzy_min_length": 8,  # terms this long also match with one typo (edit or swap) ...
     "swap_min_length": 5,  # ... terms this long with two neighbouring letters swapped
     "despaced_min_length": 8,  # terms this long also match in the text with spaces removed
-    "window_words": 12,  # long prompts are also embedded in windows of this many words ...
+    "window_words": 12,  # long sentences are also embedded in windows of this many words ...
     "window_stride": 6,  # ... starting every this many words
-    "long_prompt_words": 16,  # prompts longer than this get windows
+    "long_prompt_words": 16,  # prompts longer than this are also embedded sentence by sentence
     "benign_margin": 0.0,  # a semantic hit needs harm similarity > benign similarity + this
 }
 
@@ -214,7 +214,9 @@ class Term:
     regexes: tuple[re.Pattern, ...]  # one per word: letters may be stretched, globs applied
     category: str
     label: str  # what a reason line shows: the term as written and its file
-    fuzzy: bool  # one typo allowed (single long word, no glob)
+    lead: bool  # written "*word": the first word may end another word
+    trail: bool  # written "word*": the last word may begin another word
+    fuzzy: bool  # one typo allowed (a single word, no "*")
 
 
 def _stretchable(word: str) -> str:
@@ -252,7 +254,7 @@ def _compile_term(raw: str, category: str, source: str) -> list[Term]:
                 body = body + r".*"
             regexes.append(re.compile(body))
         fuzzy = len(words) == 1 and not (lead or trail)
-        terms.append(Term(words, tuple(regexes), category, f"{raw!r} ({source})", fuzzy))
+        terms.append(Term(words, tuple(regexes), category, f"{raw!r} ({source})", lead, trail, fuzzy))
     return terms
 
 
@@ -291,8 +293,7 @@ class TermIndex:
         self.fuzzy: dict[str, list[Term]] = {}
         for term in self.terms:
             key = squeeze_all(term.words[0])
-            pattern = term.regexes[0].pattern
-            lead, trail = pattern.startswith(".*"), pattern.endswith(".*")
+            lead, trail = term.lead, term.trail and len(term.words) == 1  # globs of the first word
             table = self.infix if lead and trail else self.suffix if lead else self.prefix if trail else self.exact
             table.setdefault(key, []).append(term)
             if term.fuzzy and len(term.words[0]) >= self.swap_min:
@@ -382,9 +383,10 @@ class TermIndex:
                 starts.add(pos)
                 pos += len(word)
                 ends.add(pos)
-            for term, regex in self.despaced:
+            for term, regex in self.despaced:  # a "*" end of a term may fall inside a word
                 if id(term) not in hits and any(
-                    m.start() in starts and m.end() in ends for m in regex.finditer(glued_text)
+                    (term.lead or m.start() in starts) and (term.trail or m.end() in ends)
+                    for m in regex.finditer(glued_text)
                 ):
                     hits[id(term)] = (term, "spaces removed")
         return list(hits.values())
@@ -392,7 +394,7 @@ class TermIndex:
 
 # --- the embedding model (once per process) ----------------------------------------------------
 
-_MODEL = None
+_MODELS: dict[str, object] = {}  # model directory -> SentenceTransformer
 _MODEL_LOCK = threading.Lock()
 _EMBED_CACHE: dict[tuple[str, str], "object"] = {}
 
@@ -405,15 +407,16 @@ def minilm_model_path() -> Path:
 
 
 def sentence_model(model_path: str | os.PathLike | None = None):
-    """The MiniLM sentence-transformers model, loaded offline once per process."""
-    global _MODEL
+    """The MiniLM sentence-transformers model (or the one at `model_path`), loaded offline
+    once per process."""
+    path = str(model_path or minilm_model_path())
     with _MODEL_LOCK:
-        if _MODEL is None:
+        if path not in _MODELS:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            _MODEL = SentenceTransformer(str(model_path or minilm_model_path()), device="cpu")
-        return _MODEL
+            _MODELS[path] = SentenceTransformer(path, device="cpu")
+        return _MODELS[path]
 
 
 def embed(texts: Sequence[str], *, batch_size: int = 64, model_path=None):
@@ -448,7 +451,7 @@ class _Analysis:
     visible: str  # normalised text without the allow-listed spans
     rule_hits: list[tuple[str, str]]  # (category, reason)
     minor: str | None  # reason a minor is involved, if one is
-    segments: list[str]  # what the semantic stage embeds
+    segments: list[str]  # what the semantic stage embeds: the prompt, its sentences, windows
 
 
 class PolicyFilter(SafetyFilter):
@@ -535,12 +538,36 @@ class PolicyFilter(SafetyFilter):
                 if pattern.search(visible):
                     minor = f"minor marker pattern ({source})"
                     break
-        segments = [visible] if visible.strip() else []
-        w, stride = self.policy.settings["window_words"], self.policy.settings["window_stride"]
-        if len(visible_tokens) > self.policy.settings["long_prompt_words"]:
-            for start in range(0, len(visible_tokens) - w + stride, stride):
-                segments.append(" ".join(visible_tokens[start:start + w]))
-        return _Analysis(tokens, masked, visible, hits, minor, segments)
+        return _Analysis(tokens, masked, visible, hits, minor, self._segments(text, tokens, masked))
+
+    def _segments(self, text: str, tokens: list[Token], masked: set[int]) -> list[str]:
+        """What the semantic stage embeds: the whole prompt and, for a long one, each sentence
+        and windows of long sentences, so a harmful request buried in benign text stands alone."""
+        settings = self.policy.settings
+        visible = [t.text for i, t in enumerate(tokens) if i not in masked]
+        segments = [" ".join(visible)] if visible else []
+        if len(visible) <= settings["long_prompt_words"]:
+            return segments
+        # Sentence boundaries come from the raw text; normalising each sentence on its own
+        # gives its token count. If the counts disagree (a split word spanning a full stop),
+        # the whole prompt is treated as one long sentence.
+        counts = [len(normalized_tokens(s)) for s in _SENTENCE_END.split(text)]
+        if sum(counts) != len(tokens):
+            counts = [len(tokens)]
+        w, stride = settings["window_words"], settings["window_stride"]
+        start = 0
+        for count in counts:
+            words = [tokens[k].text for k in range(start, start + count) if k not in masked]
+            start += count
+            if not words:
+                continue
+            if len(counts) > 1:
+                segments.append(" ".join(words))
+            if len(words) > 2 * w:  # a run-on sentence: windows (at most about 64 of them)
+                step = max(stride, -(-len(words) // 64))
+                width = max(w, 2 * step)
+                segments += [" ".join(words[i:i + width]) for i in range(0, len(words) - width + step, step)]
+        return list(dict.fromkeys(segments))
 
     # -- semantic stage --------------------------------------------------------------------
 
@@ -570,16 +597,20 @@ class PolicyFilter(SafetyFilter):
         vectors = embed(segments, batch_size=self.batch_size, model_path=self.model_path)
         sims = vectors @ matrix.T  # (S, E)
         benign_sims = (vectors @ benign.T).max(axis=1) if benign is not None else np.full(len(segments), -1.0)
+        margin = self.policy.settings["benign_margin"]
         out: list[dict[str, tuple[float, float, str]]] = [{} for _ in analyses]
         category_of = np.array([self.semantic_categories.index(c) for c, _ in labels])
+        columns = [np.nonzero(category_of == ci)[0] for ci in range(len(self.semantic_categories))]
         for s, owner in enumerate(owners):
-            for ci, category in enumerate(self.semantic_categories):
-                cols = np.nonzero(category_of == ci)[0]
+            for category, cols in zip(self.semantic_categories, columns):
                 j = cols[np.argmax(sims[s, cols])]
-                score = float(sims[s, j])
+                score, benign_score = float(sims[s, j]), float(benign_sims[s])
+                # Per category the prompt's best segment: one that beats its benign exemplar
+                # if any does, and among those the most similar.
+                rank = (score > benign_score + margin, score)
                 best = out[owner].get(category)
-                if best is None or score - benign_sims[s] > best[0] - best[1]:
-                    out[owner][category] = (score, float(benign_sims[s]), f"exemplar #{labels[j][1]}")
+                if best is None or rank > (best[0] > best[1] + margin, best[0]):
+                    out[owner][category] = (score, benign_score, f"exemplar #{labels[j][1]}")
         return out
 
     # -- decisions -------------------------------------------------------------------------
@@ -618,6 +649,9 @@ class PolicyFilter(SafetyFilter):
 
     def check_text(self, text: str) -> SafetyDecision:
         return self.check_texts([text])[0]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:\n])\s+|\n+")
 
 
 def _join_with_offsets(tokens: Sequence[Token]) -> tuple[str, list[tuple[int, int]]]:

@@ -2,8 +2,8 @@
 
 `normalize(text)` gives one canonical ASCII-lowercase string (the form terms and exemplars are
 compared in); `normalized_tokens(text)` gives the same words with what the matcher needs to
-know about each (its alternative leetspeak reading, whether it was reassembled from letters
-split by spaces or punctuation, whether letters were stretched). The steps, in order:
+know about each (its alternative leetspeak readings, whether it was reassembled from letters
+split by spaces or punctuation). The steps, in order:
 
     1. remove_invisible   zero-width characters, soft hyphens, bidi controls, variation selectors
     2. NFKC + casefold    fullwidth, mathematical alphanumerics, ligatures, circled letters
@@ -304,7 +304,6 @@ class Token:
     text: str  # canonical form, as in normalize()
     alternatives: tuple[str, ...] = ()  # other leetspeak readings ("1" as "l", "53x" as "sex")
     joined: bool = False  # reassembled from letters split by spaces or punctuation
-    stretched: bool = False  # had a run of three or more of one letter
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -344,7 +343,7 @@ def normalized_tokens(text: str) -> list[Token]:
             k += 1
         squeezed = squeeze_repeats(tok)
         alternatives = tuple(dict.fromkeys(squeeze_repeats(a) for a in alternatives if a and squeeze_repeats(a) != squeezed))
-        tokens.append(Token(squeezed, alternatives, was_joined, squeezed != tok))
+        tokens.append(Token(squeezed, alternatives, was_joined))
     return tokens
 
 

@@ -55,12 +55,13 @@ from skyloom.kinds import WatermarkDetection, Watermarker
 DEFAULT_KEY = "skyloom-public-default-watermark-key"  # public: deployments set their own
 
 PAYLOAD_BYTES = 8
-import os
-CANVAS_CHIPS = int(os.environ.get("SS_CHIPS", 128))  # chips across the frame, in each axis, whatever the frame size
-TILE_CHIPS = int(os.environ.get("SS_TILE", 32))  # chips per tile side; the canvas holds (128 / 32)² = 16 copies of one tile
-ANALYSIS = 2 * CANVAS_CHIPS  # detection resizes the frame-averaged luma to ANALYSIS x ANALYSIS pixels
-PERIOD = 2 * TILE_CHIPS  # 64: nominal tile period on the analysis grid
-MIN_EMBED_SIDE = CANVAS_CHIPS  # 128
+# Chips of 4 px on a 256 x 256 frame: smaller ones lose too much to H.264's motion-compensated
+# frames (the mark gets dragged along with moving content), larger ones leave too few chips.
+CANVAS_CHIPS = 64  # chips across the frame, in each axis, whatever the frame size
+TILE_CHIPS = 32  # chips per tile side; the canvas holds (64 / 32)² = 4 copies of one tile
+ANALYSIS = 2 * CANVAS_CHIPS  # 128: detection resizes the frame-averaged luma to this square
+PERIOD = 2 * TILE_CHIPS  # 64: nominal tile period on the analysis grid (2 pixels per chip)
+MIN_EMBED_SIDE = 128  # at least 2 pixels per chip
 MIN_DETECT_SIDE = 64
 
 # Crops that keep 72% to 100% of a side, and mild zoom-outs (103%), stretch the tile period on
@@ -225,7 +226,7 @@ class SpreadSpectrumWatermarker(Watermarker):
 
     payload_bytes = PAYLOAD_BYTES
 
-    def __init__(self, key: str | bytes = DEFAULT_KEY, strength: float = 2.5, threshold: float = 7.0, masking: float = 1.0):
+    def __init__(self, key: str | bytes = DEFAULT_KEY, strength: float = 2.8, threshold: float = 7.0, masking: float = 0.5):
         if isinstance(key, str):
             key = key.encode("utf-8")
         if not isinstance(key, bytes) or not key:
@@ -343,6 +344,12 @@ class SpreadSpectrumWatermarker(Watermarker):
         mean = _resize((total / t).to(torch.float32), (ANALYSIS, ANALYSIS))
         # High-pass: the mark is white at chip scale; the content is mostly smoother.
         residual = mean - _gaussian_blur(mean, 3.0)
+        # Spectral whitening: divide by the (3 x 3-smoothed) magnitude spectrum. Content piles
+        # its energy into few frequencies (gratings, edges, gradients); the keyed chips spread
+        # theirs evenly, so flattening the spectrum removes far more content than mark.
+        spectrum = torch.fft.fft2(residual)
+        magnitude = F.avg_pool2d(F.pad(spectrum.abs(), (1, 1, 1, 1), mode="circular"), 3, stride=1)
+        residual = torch.fft.ifft2(spectrum / (magnitude + 1e-3 * magnitude.mean())).real
         # Local RMS normalisation: a gain cancels, and busy areas (more content noise) count less.
         local_rms = _gaussian_blur(residual.square(), 6.0).clamp_min(0).sqrt()
         residual = (residual / (local_rms + 0.25)).clamp(-4, 4)
@@ -359,7 +366,8 @@ class SpreadSpectrumWatermarker(Watermarker):
         n = residual.shape[-1]
         spectrum = torch.fft.rfft(residual, n=2 * n, dim=-1)
         autocorr = torch.fft.irfft(spectrum.abs().square(), n=2 * n, dim=-1).sum(dim=0)[:n].numpy()
-        periods = np.arange(PERIOD_RANGE[0], PERIOD_RANGE[1], PERIOD_STEP)
+        below = np.arange(PERIOD, PERIOD_RANGE[0], -PERIOD_STEP)[::-1]
+        periods = np.concatenate([below, np.arange(PERIOD + PERIOD_STEP, PERIOD_RANGE[1], PERIOD_STEP)])
         scores = np.empty_like(periods)
         for i, p in enumerate(periods):
             lags = p * np.arange(1, int((n - 8) // p) + 1)

@@ -1,0 +1,388 @@
+// Spacetime attention on the GPU, forward and backward, flash-style: K/V tiles staged in
+// shared memory, an online softmax in fp32, the logsumexp saved for the backward pass and
+// the probabilities recomputed there; the (T·S)² score matrix never exists. The three modes
+// read (B, T, S, heads, head_dim) through strides, exactly as the CPU kernels do
+// (cpu/attention.h): a "sequence" is one (batch, head) for full, one (batch, frame, head)
+// for spatial, one (batch, position, head) for temporal.
+//
+// These are the CUDA-core kernels: one thread owns one query row (forward, dQ) or one key
+// row (dK/dV) with head_dim values in registers. They are the correctness baseline that the
+// tensor-core (mma.sync) kernels are measured against (docs/kernels.md).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "cuda/kernels.h"
+
+namespace skyloom::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+struct Strides {
+  int64_t s[4];
+};
+
+// Token i of a sequence sits at base + (i / inner_len)·outer + (i % inner_len)·inner.
+struct SeqView {
+  int64_t base, outer, inner, inner_len;
+  __device__ __forceinline__ int64_t offset(int64_t i) const { return base + (i / inner_len) * outer + (i % inner_len) * inner; }
+};
+
+struct Problem {
+  int mode;  // cpu::AttentionMode
+  bool causal;
+  float scale;
+  const int64_t* valid_lengths;  // device, (B,) or null
+  int64_t B, T, S, heads, L, groups;
+
+  __device__ SeqView view(const Strides& st, int64_t group, int64_t head) const {
+    const int64_t* s = st.s;
+    if (mode == int(cpu::AttentionMode::kFull)) return {group * s[0] + head * s[3], s[1], s[2], S};
+    if (mode == int(cpu::AttentionMode::kSpatial)) return {(group / T) * s[0] + (group % T) * s[1] + head * s[3], 0, s[2], S};
+    return {(group / S) * s[0] + (group % S) * s[2] + head * s[3], 0, s[1], T};
+  }
+  // keys [0, limit) are visible to query row i
+  __device__ int64_t key_limit(int64_t group, int64_t i) const {
+    int64_t limit = L;
+    const bool full = mode == int(cpu::AttentionMode::kFull);
+    const int64_t frame_len = full ? S : 1;
+    if (causal && mode != int(cpu::AttentionMode::kSpatial)) limit = (i / frame_len + 1) * frame_len;
+    if (valid_lengths && full) {
+      int64_t frames = valid_lengths[group];
+      frames = frames < 0 ? 0 : (frames > T ? T : frames);
+      limit = min(limit, frames * S);
+    }
+    return limit;
+  }
+};
+
+// Split a 1-D block index into (tile, head, group): grid.x has no 65535 limit.
+struct BlockCoords {
+  int64_t tile, head, group;
+};
+__device__ __forceinline__ BlockCoords block_coords(int64_t tiles, int64_t heads) {
+  const int64_t b = blockIdx.x;
+  return {b % tiles, (b / tiles) % heads, b / tiles / heads};
+}
+
+constexpr int kRows = 128;   // query rows per forward / dQ block (one per thread)
+constexpr int kKeys = 32;    // keys per shared-memory tile
+constexpr int kKeyRows = 32; // key rows per dK/dV block (one per thread)
+constexpr int kQTile = 8;    // query rows per shared-memory tile in the dK/dV kernel
+
+template <class T, int D>
+__device__ __forceinline__ void load_tile(const T* src, const SeqView& view, int64_t k0, int64_t L, float (*dst)[D]) {
+  for (int idx = threadIdx.x; idx < kKeys * D; idx += blockDim.x) {
+    const int j = idx / D, d = idx % D;
+    const int64_t key = k0 + j;
+    dst[j][d] = key < L ? to_float(src[view.offset(key) + d]) : 0.f;
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __restrict__ q, Strides qs,
+                                                         const T* __restrict__ k, Strides ks, const T* __restrict__ v,
+                                                         Strides vs, T* __restrict__ out, Strides os,
+                                                         float* __restrict__ lse, Strides ls) {
+  __shared__ float k_tile[kKeys][D];
+  __shared__ float v_tile[kKeys][D];
+  __shared__ int key_end;
+  const int64_t tiles = (p.L + kRows - 1) / kRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t i = bc.tile * kRows + threadIdx.x;
+  const bool active = i < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head);
+
+  float qr[D], o[D];
+  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    qr[d] = active ? to_float(q[qv.offset(i) + d]) * (p.scale * kLog2e) : 0.f;  // log2 units: exp2f is cheap
+    o[d] = 0.f;
+  }
+  if (threadIdx.x == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(limit));
+  __syncthreads();
+
+  float m = -INFINITY, l = 0.f;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
+    load_tile<T, D>(k, kv, k0, p.L, k_tile);
+    load_tile<T, D>(v, vv, k0, p.L, v_tile);
+    __syncthreads();
+    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
+    if (visible > 0) {
+      float s[kKeys];  // unrolled by 2 only, to keep compile times sane; s lives in L1-backed local memory
+      float m_new = m;
+#pragma unroll 2
+      for (int j = 0; j < kKeys; ++j) {
+        float acc = 0.f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc += qr[d] * k_tile[j][d];  // same address across the warp: broadcast
+        s[j] = j < visible ? acc : -INFINITY;
+        m_new = fmaxf(m_new, s[j]);
+      }
+      const float alpha = exp2f(m - m_new);
+      l *= alpha;
+#pragma unroll
+      for (int d = 0; d < D; ++d) o[d] *= alpha;
+#pragma unroll 2
+      for (int j = 0; j < kKeys; ++j) {
+        const float pj = exp2f(s[j] - m_new);
+        l += pj;
+#pragma unroll
+        for (int d = 0; d < D; ++d) o[d] += pj * v_tile[j][d];
+      }
+      m = m_new;
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) out[ov.offset(i) + d] = from_float<T>(o[d] * inv);
+  lse[lv.offset(i)] = l > 0.f ? (m + log2f(l)) * kLn2 : INFINITY;
+}
+
+// delta_i = rowsum(grad_out_i ∘ out_i), the softmax-Jacobian term of every backward row.
+template <class T, int D>
+__global__ void delta_kernel(Problem p, const T* __restrict__ go, Strides gs, const T* __restrict__ out, Strides os,
+                             float* __restrict__ delta, Strides ds, int64_t rows) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  const int64_t i = r % p.L, head = (r / p.L) % p.heads, group = r / p.L / p.heads;
+  const int64_t g = p.view(gs, group, head).offset(i), o = p.view(os, group, head).offset(i);
+  float acc = 0.f;
+#pragma unroll
+  for (int d = 0; d < D; ++d) acc += to_float(go[g + d]) * to_float(out[o + d]);
+  delta[p.view(ds, group, head).offset(i)] = acc;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                        const T* __restrict__ q, Strides qs, const T* __restrict__ k,
+                                                        Strides ks, const T* __restrict__ v, Strides vs,
+                                                        const float* __restrict__ lse, Strides ls,
+                                                        const float* __restrict__ delta, Strides ds,
+                                                        T* __restrict__ grad_q, Strides dqs) {
+  __shared__ float k_tile[kKeys][D];
+  __shared__ float v_tile[kKeys][D];
+  __shared__ int key_end;
+  const int64_t tiles = (p.L + kRows - 1) / kRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t i = bc.tile * kRows + threadIdx.x;
+  const bool active = i < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head);
+  float qr[D], gr[D], dq[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    qr[d] = active ? to_float(q[qv.offset(i) + d]) * p.scale : 0.f;
+    gr[d] = active ? to_float(go[gv.offset(i) + d]) : 0.f;
+    dq[d] = 0.f;
+  }
+  const float lse2 = active ? lse[p.view(ls, bc.group, bc.head).offset(i)] * kLog2e : 0.f;
+  const float di = active ? delta[p.view(ds, bc.group, bc.head).offset(i)] : 0.f;
+  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
+  if (threadIdx.x == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(limit));
+  __syncthreads();
+  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
+    load_tile<T, D>(k, kv, k0, p.L, k_tile);
+    load_tile<T, D>(v, vv, k0, p.L, v_tile);
+    __syncthreads();
+    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
+    for (int j = 0; j < visible; ++j) {
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        s += qr[d] * k_tile[j][d];
+        dp += gr[d] * v_tile[j][d];
+      }
+      const float ds_ij = exp2f(s * kLog2e - lse2) * (dp - di);
+#pragma unroll
+      for (int d = 0; d < D; ++d) dq[d] += ds_ij * k_tile[j][d];
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  const SeqView dv = p.view(dqs, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) grad_q[dv.offset(i) + d] = from_float<T>(dq[d] * p.scale);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                            const T* __restrict__ q, Strides qs,
+                                                            const T* __restrict__ k, Strides ks,
+                                                            const T* __restrict__ v, Strides vs,
+                                                            const float* __restrict__ lse, Strides ls,
+                                                            const float* __restrict__ delta, Strides ds,
+                                                            T* __restrict__ grad_k, Strides dks, T* __restrict__ grad_v,
+                                                            Strides dvs) {
+  __shared__ float k_rows[kKeyRows][D + 1];  // +1: thread j reads row j, so pad off the bank stride
+  __shared__ float v_rows[kKeyRows][D + 1];
+  __shared__ float q_tile[kQTile][D];
+  __shared__ float go_tile[kQTile][D];
+  __shared__ float lse2_tile[kQTile], delta_tile[kQTile];
+  __shared__ int64_t limit_tile[kQTile];
+  const int64_t tiles = (p.L + kKeyRows - 1) / kKeyRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int j = threadIdx.x;
+  const int64_t key = bc.tile * kKeyRows + j;
+  const bool active = key < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head),
+                lv = p.view(ls, bc.group, bc.head), dv = p.view(ds, bc.group, bc.head);
+  for (int d = 0; d < D; ++d) {
+    k_rows[j][d] = active ? to_float(k[kv.offset(key) + d]) : 0.f;
+    v_rows[j][d] = active ? to_float(v[vv.offset(key) + d]) : 0.f;
+  }
+  float dk[D], dvr[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) dk[d] = dvr[d] = 0.f;
+  const int64_t first_key = bc.tile * kKeyRows;
+  for (int64_t r0 = 0; r0 < p.L; r0 += kQTile) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kQTile * D; idx += blockDim.x) {
+      const int r = idx / D, d = idx % D;
+      const int64_t row = r0 + r;
+      q_tile[r][d] = row < p.L ? to_float(q[qv.offset(row) + d]) * p.scale : 0.f;
+      go_tile[r][d] = row < p.L ? to_float(go[gv.offset(row) + d]) : 0.f;
+    }
+    if (threadIdx.x < kQTile) {
+      const int64_t row = r0 + threadIdx.x;
+      lse2_tile[threadIdx.x] = row < p.L ? lse[lv.offset(row)] * kLog2e : 0.f;
+      delta_tile[threadIdx.x] = row < p.L ? delta[dv.offset(row)] : 0.f;
+      limit_tile[threadIdx.x] = row < p.L ? p.key_limit(bc.group, row) : 0;
+    }
+    __syncthreads();
+    int64_t tile_limit = 0;
+    for (int r = 0; r < kQTile; ++r) tile_limit = max(tile_limit, limit_tile[r]);
+    if (tile_limit <= first_key) continue;  // no row of this tile sees any key of this block (uniform)
+    for (int r = 0; r < kQTile; ++r) {
+      if (!active || key >= limit_tile[r]) continue;
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        s += q_tile[r][d] * k_rows[j][d];
+        dp += go_tile[r][d] * v_rows[j][d];
+      }
+      const float pij = exp2f(s * kLog2e - lse2_tile[r]);
+      const float ds_ij = pij * (dp - delta_tile[r]);
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        dvr[d] += pij * go_tile[r][d];
+        dk[d] += ds_ij * q_tile[r][d];  // q_tile already holds scale·q
+      }
+    }
+  }
+  if (!active) return;
+  const SeqView dkv = p.view(dks, bc.group, bc.head), dvv = p.view(dvs, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    grad_k[dkv.offset(key) + d] = from_float<T>(dk[d]);
+    grad_v[dvv.offset(key) + d] = from_float<T>(dvr[d]);
+  }
+}
+
+Problem make_problem(const AttentionShape& shape, const AttentionOptions& o) {
+  Problem p{int(o.mode), o.causal, float(o.scale), o.valid_lengths, shape.B, shape.T, shape.S, shape.heads, 0, 0};
+  switch (o.mode) {
+    case cpu::AttentionMode::kFull: p.L = shape.T * shape.S, p.groups = shape.B; break;
+    case cpu::AttentionMode::kSpatial: p.L = shape.S, p.groups = shape.B * shape.T; break;
+    default: p.L = shape.T, p.groups = shape.B * shape.S; break;
+  }
+  return p;
+}
+
+Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
+
+// Runtime dtype and head_dim to template arguments (flash-attention's static_switch idea).
+template <class Fn>
+void dispatch(DType dtype, int64_t head_dim, Fn&& fn) {
+  auto with_dim = [&](auto tag) {
+    using T = decltype(tag);
+    switch (head_dim) {
+      case 32: return fn(T{}, std::integral_constant<int, 32>{});
+      case 64: return fn(T{}, std::integral_constant<int, 64>{});
+      case 128: return fn(T{}, std::integral_constant<int, 128>{});
+      default: throw std::invalid_argument("spacetime_attention (CUDA): head_dim must be 32, 64 or 128");
+    }
+  };
+  switch (dtype) {
+    case DType::kFloat32: return with_dim(float{});
+    case DType::kFloat16: return with_dim(__half{});
+    case DType::kBFloat16: return with_dim(__nv_bfloat16{});
+    default: throw std::invalid_argument("spacetime_attention (CUDA): dtype must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace
+
+bool head_dim_supported(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
+
+void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
+                       Strided k, Strided v, StridedOut out, StridedOut lse, cudaStream_t stream) {
+  const Problem p = make_problem(shape, options);
+  if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
+  const int64_t blocks = (p.L + kRows - 1) / kRows * shape.heads * p.groups;
+  dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    forward_kernel<T, D><<<unsigned(blocks), kRows, 0, stream>>>(
+        p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
+        static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
+        static_cast<float*>(lse.data), strides_of(lse.stride));
+  });
+}
+
+void attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided grad_out,
+                        Strided q, Strided k, Strided v, Strided out, Strided lse, StridedOut grad_q,
+                        StridedOut grad_k, StridedOut grad_v, float* delta_workspace, cudaStream_t stream) {
+  const Problem p = make_problem(shape, options);
+  if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
+  const Strides delta_strides{{shape.T * shape.S * shape.heads, shape.S * shape.heads, shape.heads, 1}};
+  dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    const T* go = static_cast<const T*>(grad_out.data);
+    const T* qp = static_cast<const T*>(q.data);
+    const T* kp = static_cast<const T*>(k.data);
+    const T* vp = static_cast<const T*>(v.data);
+    const float* lp = static_cast<const float*>(lse.data);
+    const int64_t rows = p.L * shape.heads * p.groups;
+    delta_kernel<T, D><<<unsigned((rows + 255) / 256), 256, 0, stream>>>(
+        p, go, strides_of(grad_out.stride), static_cast<const T*>(out.data), strides_of(out.stride), delta_workspace,
+        delta_strides, rows);
+    const int64_t q_blocks = (p.L + kRows - 1) / kRows * shape.heads * p.groups;
+    grad_q_kernel<T, D><<<unsigned(q_blocks), kRows, 0, stream>>>(
+        p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
+        strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
+        static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
+    const int64_t k_blocks = (p.L + kKeyRows - 1) / kKeyRows * shape.heads * p.groups;
+    grad_kv_kernel<T, D><<<unsigned(k_blocks), kKeyRows, 0, stream>>>(
+        p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
+        strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
+        static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),
+        strides_of(grad_v.stride));
+  });
+}
+
+}  // namespace skyloom::cuda

@@ -1,0 +1,163 @@
+"""The core scheduler: stages in order, refusals stop everything, results are reproducible."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skyloom.kinds import PromptEnhancer, SafetyDecision, SafetyFilter, WatermarkDetection, Watermarker
+from skyloom.pipeline import STAGES, Pipeline, SafetyRefusal
+from skyloom.request import Conditioning, GenerationRequest
+
+
+class RefuseWord(SafetyFilter):
+    def __init__(self, word):
+        self.word = word
+        self.seen = []
+
+    def check_text(self, text):
+        self.seen.append(text)
+        if self.word in text:
+            return SafetyDecision(False, category="test_category", reason=f"contains {self.word!r}")
+        return SafetyDecision(True)
+
+
+class RefuseBrightFrames(SafetyFilter):
+    def check_frames(self, frames):
+        return SafetyDecision(frames.float().mean() < 255, category="too_bright", reason="mean 255")
+
+
+class Prefix(PromptEnhancer):
+    def enhance(self, prompt):
+        return "forbidden " + prompt if "enhance-into-trouble" in prompt else "detailed: " + prompt
+
+
+class CornerMark(Watermarker):
+    def embed(self, frames, payload):
+        frames = frames.clone()
+        frames[:, 0, 0, 0] = payload[0]
+        return frames
+
+    def detect(self, frames):
+        return WatermarkDetection(True, bytes([int(frames[0, 0, 0, 0])]), 1.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    log = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    return Pipeline.from_pretrained(
+        device="cpu", safety_filters=[RefuseWord("forbidden")], watermarkers=[CornerMark()],
+        prompt_enhancer=Prefix(), audit_log=log,
+    )
+
+
+def small(prompt="a red circle moves left", **kw):
+    return GenerationRequest(prompt, **{"frames": 5, "width": 32, "height": 32, "steps": 2, "seed": 3, **kw})
+
+
+def test_stages_run_in_order_and_are_timed(pipe):
+    result = pipe(small())
+    stages = result.record["stages"]
+    assert list(stages) == [s for s in STAGES if s != "writing"]
+    assert stages["conditioning_safety"] == {"status": "skipped", "reason": "no conditioning media"}
+    for name in ("prompt_safety", "prompt_enhancement", "enhanced_prompt_safety", "text_encoding", "sampling", "decoding", "watermarking"):
+        assert stages[name]["status"] == "ran" and stages[name]["seconds"] >= 0 and stages[name]["peak_rss_bytes"] > 0
+    assert result.record["enhanced_prompt"] == "detailed: a red circle moves left"
+    assert tuple(result.frames.shape) == (5, 32, 32, 3) and result.frames.dtype == torch.uint8
+    json.dumps(result.record)  # the record is JSON-serialisable
+
+
+def test_record_names_plugins_and_versions(pipe):
+    record = pipe(small()).record
+    assert record["plugins"]["sampler"][0] == {"name": "euler", "package": "skyloom", "version": "0.1.0"}
+    assert record["plugins"]["text_encoder"][0]["name"] == "minilm"
+    assert record["plugins"]["safety_filter"] == [{"name": "RefuseWord", "package": "tests", "version": "", "injected": True}]
+    assert record["model"]["trained"] is False and len(record["model"]["hash"]) == 64
+
+
+def test_refusal_stops_the_request_and_is_audited(pipe):
+    with pytest.raises(SafetyRefusal) as refusal:
+        pipe(small("a forbidden thing"))
+    assert refusal.value.category == "test_category" and refusal.value.stage == "prompt_safety"
+    assert "sampling" not in refusal.value.record["stages"]
+    lines = [json.loads(line) for line in pipe.audit_log.path.read_text().splitlines()]
+    assert any(e["allowed"] is False and e["prompt"] == "a forbidden thing" and e["stage"] == "prompt_safety" for e in lines)
+
+
+def test_enhanced_prompt_is_checked_again(pipe):
+    with pytest.raises(SafetyRefusal) as refusal:
+        pipe(small("enhance-into-trouble"))
+    assert refusal.value.stage == "enhanced_prompt_safety"
+
+
+def test_frame_filter_refuses_after_decoding(tmp_path):
+    pipe = Pipeline.from_pretrained(device="cpu", safety_filters=[RefuseBrightFrames()], watermarkers=[], audit_log=None)
+    pipe.bundle.video_autoencoder.iter_decode = lambda latent, chunk_frames: iter([torch.ones(1, 3, 5, 32, 32)])
+    with pytest.raises(SafetyRefusal) as refusal:
+        pipe(small())
+    assert refusal.value.stage == "frames" and refusal.value.category == "too_bright"
+
+
+def test_same_seed_same_video_and_no_state_leaks(pipe):
+    first = pipe(small(seed=11)).frames
+    pipe(small("a blue square", seed=12, sampler="heun"))
+    assert torch.equal(pipe(small(seed=11)).frames, first)
+    assert not torch.equal(pipe(small(seed=12)).frames, first)
+
+
+def test_batch_runs_each_request_with_its_own_seed(pipe):
+    results = pipe([small(seed=1), small(seed=2, frames=1, width=16, height=24)])
+    assert [r.record["seed"] for r in results] == [1, 2]
+    assert tuple(results[1].frames.shape) == (1, 24, 16, 3)
+    assert torch.equal(results[0].frames, pipe(small(seed=1)).frames)
+
+
+def test_a_bad_request_in_a_batch_fails_before_any_work(pipe):
+    with pytest.raises(ValueError, match="width 30 is not a multiple of 8"):
+        pipe([small("a forbidden thing"), small(width=30)])  # the refusal would come first if it ran
+
+
+def test_watermark_payload_is_recorded(pipe):
+    result = pipe(small())
+    payload = bytes.fromhex(result.record["watermarks"][0]["payload"])
+    assert len(payload) == 8 and payload[:4].hex() == result.record["model"]["hash"][:8]
+    assert int(result.frames[0, 0, 0, 0]) == payload[0]
+
+
+def test_skipped_stages_say_why(tmp_path):
+    pipe = Pipeline.from_pretrained(device="cpu", safety_filters=[], watermarkers=[], prompt_enhancer=None, audit_log=None)
+    stages = pipe(small()).record["stages"]
+    assert stages["prompt_safety"] == {"status": "skipped", "reason": "no safety_filter selected"}
+    assert stages["frame_safety"]["status"] == "skipped" and stages["watermarking"] == {"status": "skipped", "reason": "no watermarker selected"}
+
+
+def test_guidance_one_skips_the_unconditional_branch(pipe, monkeypatch):
+    calls = []
+    forward = pipe.bundle.transformer.forward
+    monkeypatch.setattr(pipe.bundle.transformer, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k))
+    pipe(small(guidance=1.0))
+    assert set(calls) == {1}
+    calls.clear()
+    pipe(small(guidance=4.0))
+    assert set(calls) == {2}
+
+
+def test_first_frame_conditioning_fixes_the_known_latent(pipe):
+    image = torch.full((1, 32, 32, 3), 200, dtype=torch.uint8)
+    result = pipe(small(conditioning=(Conditioning(image, 0),), frames=5))
+    assert result.record["conditioning"] == [{"start_frame": 0, "frames": 1}]
+    # The known latent frame decodes back to (roughly) the image the untrained decoder makes of it.
+    vae = pipe.bundle.video_autoencoder
+    with torch.inference_mode():
+        alone = vae.decode(vae.encode(image.permute(3, 0, 1, 2)[None].float() / 127.5 - 1))
+    expected = ((alone[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0)
+    assert (result.frames[0, 1:].float() - expected[1:]).abs().max() <= 2
+
+
+@settings(max_examples=6)
+@given(frames=st.integers(1, 10), w=st.integers(1, 5), h=st.integers(1, 5))
+def test_output_shape_equals_the_request(pipe, frames, w, h):
+    result = pipe(small(frames=frames, width=8 * w, height=8 * h, steps=1, guidance=1.0))
+    assert tuple(result.frames.shape) == (frames, 8 * h, 8 * w, 3)
