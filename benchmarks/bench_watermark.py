@@ -379,9 +379,14 @@ def main(argv=None) -> None:
             det = np.mean([d for _, d in results[m][attack]])
             row += f"{acc.mean():>15.3f} (min {acc.min():.2f})"[-22:].rjust(22) + f"{det:>6.2f}"
         print(row)
+    for m in methods:
+        misses = {a: [clips[i][0] for i, (_, d) in enumerate(results[m][a]) if not d] for a in attacks}
+        misses = {a: names for a, names in misses.items() if names}
+        if misses:
+            print(f"{m} missed: " + "; ".join(f"{a}: {', '.join(names)}" for a, names in misses.items()))
     print("PSNR (dB)             " + "".join(f"{np.mean(psnrs[m]):>15.2f} (min {np.min(psnrs[m]):.1f})"[-22:].rjust(22) + " " * 6 for m in methods))
 
-    n_null = args.null_clips or (200 if args.quick else 1200)
+    n_null = args.null_clips or (200 if args.quick else 1000)
     start = time.perf_counter()
     zs, false = false_positives(marker, n_null, frames=4, size=256)
     print(f"\nFalse positives: {false} of {n_null} unmarked clips (4 frames, 256x256, {len(CLIP_KINDS)} kinds, "

@@ -127,9 +127,9 @@ def print_table(title: str, table: dict) -> None:
     columns = sorted({c for row in table.values() for c in row}, key=lambda c: (c == "allowed", c))
     width = max(len(k) for k in table) + 2
     print(f"\n{title}")
-    print(" " * width + "".join(f"{c[:13]:>14}" for c in columns))
+    print(" " * width + "".join(f"{c[:14]:>15}" for c in columns))
     for name, row in table.items():
-        print(f"{name:<{width}}" + "".join(f"{row.get(c, 0):>14}" for c in columns))
+        print(f"{name:<{width}}" + "".join(f"{row.get(c, 0):>15}" for c in columns))
 
 
 def main(argv=None) -> int:

@@ -162,7 +162,7 @@ def doctor(as_json):
                 "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             },
         },
-        "versions": {name: _version(name) for name in ("torch", "av", "numpy", "pluggy", "safetensors", "sentence-transformers", "click", "tqdm")},
+        "versions": {name: _version(name) for name in ("torch", "av", "numpy", "pluggy", "safetensors", "transformers", "click", "tqdm")},
     }
     registry = _registry()
     packages = {}

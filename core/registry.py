@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "skyloom.plugins.sampler.dpmpp_2m",
     "skyloom.plugins.sampler.ddim",
     "skyloom.plugins.sampler.ddpm",
+    "skyloom.plugins.safety_filter.policy",
     "skyloom.plugins.safety_filter.hashlist",
 )
 

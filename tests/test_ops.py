@@ -178,7 +178,9 @@ def test_attention_opcheck(mode, causal, valid):
     scale = 1 / math.sqrt(8)
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_forward, (q, k, v, mode, causal, scale, lengths))
     out, lse = torch.ops.skyloom.spacetime_attention_forward(q, k, v, mode, causal, scale, lengths)
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, mode, causal, scale, lengths)
+    # the backward op is not differentiable itself (double backward raises), so its inputs do not require grad
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mode, causal, scale,
+            lengths)
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_backward, args)
 
 
@@ -231,3 +233,23 @@ def test_attention_cuda_rejects_unsupported_head_dim():
     q = torch.randn(1, 2, 3, 2, 59, device="cuda")
     with pytest.raises(ValueError, match="head_dim 59"):
         ops.spacetime_attention(q, q, q)
+
+
+def test_attention_double_backward_raises_clearly():
+    q, k, v = (torch.randn(1, 2, 3, 1, 8, requires_grad=True) for _ in range(3))
+    (gq,) = torch.autograd.grad(ops.spacetime_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gq.sum().backward()
+
+
+def test_attention_is_traceable_with_fake_tensors():
+    """Shapes and dtypes come from the fake implementations, without running a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 4, 16, dtype=torch.bfloat16)
+        out, lse = torch.ops.skyloom.spacetime_attention_forward(q, q, q, "full", True, 0.25, None)
+        tokens = ops.patchify(torch.empty(2, 4, 6, 8, 8), (2, 2, 2))
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 5, 4) and lse.dtype == torch.float32
+    assert tokens.shape == (2, 3 * 4 * 4, 4 * 8)

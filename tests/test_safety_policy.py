@@ -211,6 +211,17 @@ def test_sexual_with_minor_marker_is_sexual_minors_and_cannot_be_disabled():
     assert not decision.allowed and decision.category == "sexual_minors"
 
 
+def test_minor_marker_counts_only_in_the_same_sentence_of_a_long_prompt(rules_only):
+    scene = (
+        "Clouds drift over a desert canyon while shadows shift across the red rock. "
+        "Cut to a village street with children's bicycles leaning against a bakery window. "
+    )
+    adult = rules_only.check_text(scene + "Then, briefly: a hardcore porn scene in close-up.")
+    assert not adult.allowed and adult.category == "sexual"
+    minor = rules_only.check_text(scene + "Then, briefly: a nude teenager posing.")
+    assert not minor.allowed and minor.category == "sexual_minors"
+
+
 def test_disabled_categories_must_exist():
     with pytest.raises(ValueError, match="unknown categories"):
         PolicyFilter(semantic=False, disabled_categories=["violins"])
@@ -246,6 +257,12 @@ def test_policy_dir_replaces_the_builtin_policy(tmp_path):
     decision = custom.check_text("a thund3rstorm over the sea")
     assert not decision.allowed and decision.category == "weather"
     assert custom.check_text("a decapitation").allowed  # the built-in terms are gone
+    assert PolicyFilter(tmp_path / "mine", semantic=False, disabled_categories=["weather"]).check_text(
+        "a thunderstorm"
+    ).allowed
+    _write(tmp_path / "strict", "policy.json", {**MINIMAL, "categories": {**MINIMAL["categories"], "weather": {"always_refused": True}}})
+    with pytest.raises(ValueError, match="always refused"):
+        PolicyFilter(tmp_path / "strict", semantic=False, disabled_categories=["weather"])
 
 
 def test_extra_policy_dirs_extend_the_builtin_policy(tmp_path):
@@ -379,5 +396,7 @@ def test_model_is_loaded_once_per_process(corpus_decisions):
     first, _, _ = corpus_decisions
     second = PolicyFilter()
     assert second.check_text("a sunny meadow with sheep").allowed
-    assert policy_module.sentence_model() is policy_module.sentence_model()
-    assert list(policy_module._MODELS) == [str(policy_module.minilm_model_path())]
+    # One copy of the MiniLM weights, shared with the default text encoder.
+    from skyloom import minilm
+
+    assert list(minilm.LOADED_MODELS) == [str(minilm.check_model_dir(minilm.default_model_path()))]

@@ -89,8 +89,8 @@ def test_minilm_a_prompt_encodes_the_same_alone_or_in_a_batch(encoder):
 def test_minilm_caches_prompts_and_evicts_the_least_recent(encoder, monkeypatch):
     enc = fresh(encoder, cache_size=2)
     calls = []
-    real_forward = minilm._forward
-    monkeypatch.setattr(minilm, "_forward", lambda tok, model, texts, *a, **k: calls.append(list(texts)) or real_forward(tok, model, texts, *a, **k))
+    real_forward = minilm.encode_batch
+    monkeypatch.setattr(minilm, "encode_batch", lambda tok, model, texts, *a, **k: calls.append(list(texts)) or real_forward(tok, model, texts, *a, **k))
     first = enc.encode(["one", "two", "one"])
     assert calls == [["one", "two"]]  # duplicates in a batch are encoded once
     again = enc.encode(["two", "one"])
@@ -126,11 +126,11 @@ def test_minilm_loads_nothing_until_the_first_encode_and_only_locally(monkeypatc
         requests.append(kwargs)
         raise RuntimeError("weights requested")
 
-    monkeypatch.setattr(minilm, "_MODELS", {})
+    monkeypatch.setattr(minilm.shared_model, "LOADED_MODELS", {})
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
     enc = minilm.MiniLMTextEncoder(max_length=8)
     enc.to("cpu")
-    assert minilm._MODELS == {} and requests == []
+    assert minilm.shared_model.LOADED_MODELS == {} and requests == []
     with pytest.raises(RuntimeError, match="weights requested"):
         enc.encode(["hello"])
     assert requests and requests[0]["local_files_only"] is True

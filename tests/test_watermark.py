@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from skyloom.kinds import WatermarkDetection, Watermarker
 from skyloom.plugins.watermarker import spreadspectrum
@@ -74,7 +76,7 @@ def marker() -> SpreadSpectrumWatermarker:
 
 @pytest.fixture(scope="module")
 def clip() -> torch.Tensor:
-    return scene(0)
+    return scene(0, frames=10)  # 10 frames: with 6, CRF 28 on this fast pan is not reliable
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def assert_found(marker: SpreadSpectrumWatermarker, frames: torch.Tensor) -> Non
     assert isinstance(result, WatermarkDetection)
     assert result.detected, marker.read(frames)
     assert result.payload == PAYLOAD
-    assert 0.5 < result.confidence <= 1.0
+    assert 0.5 <= result.confidence <= 1.0
 
 
 # --- coding -----------------------------------------------------------------------------------
@@ -107,11 +109,21 @@ def test_viterbi_corrects_flipped_coded_bits():
     assert np.array_equal(viterbi_decode(soft), bits)
 
 
+@given(payload=st.binary(min_size=8, max_size=8))
+def test_tile_chips_decode_back_to_the_payload(payload):
+    marker = SpreadSpectrumWatermarker(key="property")
+    chips = marker.tile(payload).reshape(-1)
+    # Despread: each coded bit's chips times their keyed signs, summed.
+    soft = np.bincount(marker._bit_of_chip, weights=chips * marker._signs, minlength=CODED_BITS)
+    assert np.all(np.abs(soft) >= 5)  # every coded bit has at least five chips
+    assert spreadspectrum._decode(soft) == (payload, True)
+
+
 # --- round trip and invisibility ---------------------------------------------------------------
 
 
 def test_round_trip_is_exact_on_clean_frames(marker, marked):
-    assert marked.shape == (6, 256, 256, 3) and marked.dtype == torch.uint8
+    assert marked.shape == (10, 256, 256, 3) and marked.dtype == torch.uint8
     assert_found(marker, marked)
     assert marker.read(marked).z > 2 * marker.threshold
 

@@ -2,7 +2,8 @@
 // only when SKYLOOM_CUDA is on: this is the one file that sees both torch's CUDA headers
 // and the torch-free launchers in csrc/cuda.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -25,7 +26,7 @@ at::Tensor patchify_cuda(const at::Tensor& x, at::IntArrayRef patch_size) {
   at::Tensor tokens = at::empty({g.B, N, F}, x.options());
   if (tokens.numel() == 0) return tokens;
   const int64_t strides[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
-  cuda::patchify(x.data_ptr(), strides, tokens.data_ptr(), g, x.element_size(), at::cuda::getCurrentCUDAStream());
+  cuda::patchify(x.data_ptr(), strides, tokens.data_ptr(), g, x.element_size(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return tokens;
 }
@@ -38,7 +39,7 @@ at::Tensor unpatchify_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size,
   if (video.numel() == 0) return video;
   const int64_t strides[3] = {tokens.stride(0), tokens.stride(1), tokens.stride(2)};
   cuda::unpatchify(tokens.data_ptr(), strides, video.data_ptr(), g, tokens.element_size(),
-                   at::cuda::getCurrentCUDAStream());
+                   c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return video;
 }
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
   cuda::attention_forward(dtype_of(q, "q"), shape, cuda_options(mode, causal, scale, valid_lengths ? &valid : nullptr),
                           strided(q), strided(k), strided(v), strided_out(out), strided_out(lse),
-                          at::cuda::getCurrentCUDAStream());
+                          c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                            cuda_options(mode, causal, scale, valid_lengths ? &valid : nullptr), strided(grad_out),
                            strided(q), strided(k), strided(v), strided(out), strided(lse), strided_out(grad_q),
                            strided_out(grad_k), strided_out(grad_v), delta.data_ptr<float>(),
-                           at::cuda::getCurrentCUDAStream());
+                           c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q, grad_k, grad_v};
 }

