@@ -10,9 +10,7 @@ from safetensors.torch import load_file, save_file
 from skyloom.bundle import DEFAULT_MODEL_DIR, BundleError, ModelBundle, load_bundle, read_index, save_bundle
 from skyloom.hookspecs import hookimpl
 from skyloom.kinds import TextEmbedding, TextEncoder
-from skyloom.plugins.video_autoencoder.causal3d import CausalVideoAutoencoder
 from skyloom.registry import Registry
-from skyloom.transformer import SpacetimeDiT
 
 
 class HashTextEncoder(TextEncoder):

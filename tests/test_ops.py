@@ -80,10 +80,11 @@ def test_patchify_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: ops.unpatchify(t, (2, 2, 3), (1, 2, 1)), (t,))
 
 
-def test_patch_ops_opcheck():
-    x = torch.randn(2, 3, 4, 6, 10, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_ops_opcheck(device):
+    x = torch.randn(2, 3, 4, 6, 10, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.skyloom.patchify, (x, [2, 3, 2]))
-    t = torch.randn(2, 20, 36, requires_grad=True)
+    t = torch.randn(2, 20, 36, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.skyloom.unpatchify, (t, [2, 3, 2], [2, 2, 5]))
 
 
@@ -170,12 +171,13 @@ def test_attention_gradcheck_float64(mode, causal, valid):
                                                                              valid_lengths=lengths))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,causal,valid", CASES)
-def test_attention_opcheck(mode, causal, valid):
+def test_attention_opcheck(device, mode, causal, valid):
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 3, 5, 2, 8, generator=g, requires_grad=True) for _ in range(3))
-    lengths = None if valid is None else torch.tensor(valid)
-    scale = 1 / math.sqrt(8)
+    q, k, v = (torch.randn(2, 3, 5, 2, 32, generator=g).to(device).requires_grad_(True) for _ in range(3))
+    lengths = None if valid is None else torch.tensor(valid, device=device)
+    scale = 1 / math.sqrt(32)
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_forward, (q, k, v, mode, causal, scale, lengths))
     out, lse = torch.ops.skyloom.spacetime_attention_forward(q, k, v, mode, causal, scale, lengths)
     # the backward op is not differentiable itself (double backward raises), so its inputs do not require grad

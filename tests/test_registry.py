@@ -1,7 +1,6 @@
 """Plugin discovery: built-ins, entry points, aliases, unknown names, clashes, broken and blocked plugins."""
 
 import textwrap
-import warnings
 
 import pytest
 

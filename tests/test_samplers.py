@@ -10,8 +10,8 @@ stochastic one by the mean and spread of what it lands on.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,18 @@ from tests.strategies import (
     velocity_pairs,
 )
 
-sys.path.insert(0, str(Path(__file__).parent / "plugin_package"))
-from skyloom_example_plugins.sampler import ExampleSampler  # noqa: E402
+
+def _load_example_sampler():
+    """The third-party package's sampler, loaded from its file (the package itself is installed
+    only inside tests/test_third_party_plugins.py)."""
+    path = Path(__file__).parent / "plugin_package" / "skyloom_example_plugins" / "sampler.py"
+    spec = importlib.util.spec_from_file_location("skyloom_example_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ExampleSampler
+
+
+ExampleSampler = _load_example_sampler()
 
 SAMPLER_MODULES = [module for module in DEFAULT_PLUGINS if ".plugins.sampler." in module]
 REGISTRY = Registry.load(builtins=SAMPLER_MODULES, entry_points=False, strict=True)

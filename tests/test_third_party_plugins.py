@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,12 @@ PACKAGE = Path(__file__).parent / "plugin_package"
 def site(tmp_path_factory):
     """pip-install the example package into its own directory, put on PYTHONPATH by the tests."""
     target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
+    source = tmp_path_factory.mktemp("src") / "package"
+    shutil.copytree(PACKAGE, source)  # setuptools writes build/ and *.egg-info beside the sources
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(PACKAGE)],
-        check=True, cwd=build, env={**os.environ, "PIP_NO_CACHE_DIR": "1"},
+         "--target", str(target), str(source)],
+        check=True, env={**os.environ, "PIP_NO_CACHE_DIR": "1"},
     )
     return target
 

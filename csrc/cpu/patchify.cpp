@@ -1,13 +1,18 @@
 #include "cpu/patchify.h"
 
+#include <cstring>
+
 #include <stdexcept>
 
 namespace skyloom::cpu {
 namespace {
 
 // One (b, gt, gh) slab at a time: a row of GW tokens on one side, pt·ph rows of W pixels per
-// channel on the other, both small enough to stay in L1/L2 while the copy runs. For a fixed
-// (c, it) the ph·pw features of a token are contiguous, so each step moves one such run.
+// channel on the other, both small enough to stay in cache while the copy runs.
+// With unit stride over w and features (PH, PW > 0), the token side is walked in memory
+// order: token after token, each written front to back as runs of pw pixels gathered from
+// its C·pt·ph pixel rows, whose cache lines are reused by the next GW tokens. That keeps the
+// big side of the copy a sequential stream. Otherwise (PH = PW = 0) a general strided loop.
 // Elem is only a container of the right size: the copy never interprets the bits.
 template <class Elem, bool kToTokens, int PH, int PW>
 void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g) {
@@ -19,30 +24,27 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
     const int64_t b = slab / (GT * GH), gt = (slab / GH) % GT, gh = slab % GH;
     const int64_t v_slab = b * vs[0] + gt * g.pt * vs[2] + gh * ph * vs[3];
     const int64_t t_slab = b * ts[0] + (gt * GH + gh) * GW * ts[1];
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t it = 0; it < g.pt; ++it) {
-        const int64_t v_row = v_slab + c * vs[1] + it * vs[2];
-        const int64_t f0 = (c * g.pt + it) * ph * pw;
-        for (int64_t gw = 0; gw < GW; ++gw) {
-          const int64_t t = t_slab + gw * ts[1] + f0 * ts[2];
-          const int64_t v = v_row + gw * pw * vs[4];
-          if constexpr (PH > 0 && PW > 0) {  // unit stride over w and features: a fixed-size run
-            Elem run[PH * PW];
-            for (int ih = 0; ih < PH; ++ih)
-              for (int iw = 0; iw < PW; ++iw) {
-                if (kToTokens)
-                  run[ih * PW + iw] = src[v + ih * vs[3] + iw];
-                else
-                  run[ih * PW + iw] = src[t + ih * PW + iw];
-              }
-            for (int ih = 0; ih < PH; ++ih)
-              for (int iw = 0; iw < PW; ++iw) {
-                if (kToTokens)
-                  dst[t + ih * PW + iw] = run[ih * PW + iw];
-                else
-                  dst[v + ih * vs[3] + iw] = run[ih * PW + iw];
-              }
-          } else {
+    if constexpr (PH > 0 && PW > 0) {
+      for (int64_t gw = 0; gw < GW; ++gw) {
+        int64_t t = t_slab + gw * ts[1];
+        const int64_t v_gw = v_slab + gw * PW;
+        for (int64_t c = 0; c < g.C; ++c)
+          for (int64_t it = 0; it < g.pt; ++it) {
+            const int64_t v = v_gw + c * vs[1] + it * vs[2];
+            for (int ih = 0; ih < PH; ++ih, t += PW) {
+              if (kToTokens)
+                std::memcpy(dst + t, src + v + ih * vs[3], sizeof(Elem) * PW);
+              else
+                std::memcpy(dst + v + ih * vs[3], src + t, sizeof(Elem) * PW);
+            }
+          }
+      }
+    } else {
+      for (int64_t c = 0; c < g.C; ++c)
+        for (int64_t it = 0; it < g.pt; ++it)
+          for (int64_t gw = 0; gw < GW; ++gw) {
+            const int64_t t = t_slab + gw * ts[1] + (c * g.pt + it) * ph * pw * ts[2];
+            const int64_t v = v_slab + c * vs[1] + it * vs[2] + gw * pw * vs[4];
             for (int64_t ih = 0; ih < ph; ++ih)
               for (int64_t iw = 0; iw < pw; ++iw) {
                 const int64_t vi = v + ih * vs[3] + iw * vs[4], ti = t + (ih * pw + iw) * ts[2];
@@ -52,8 +54,7 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
                   dst[vi] = src[ti];
               }
           }
-        }
-      }
+    }
   }
 }
 

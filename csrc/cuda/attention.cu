@@ -5,11 +5,13 @@
 // (cpu/attention.h): a "sequence" is one (batch, head) for full, one (batch, frame, head)
 // for spatial, one (batch, position, head) for temporal.
 //
-// These are the CUDA-core kernels: one thread owns one query row (forward, dQ) or one key
-// row (dK/dV) with head_dim values in registers. They are the correctness baseline that the
-// tensor-core (mma.sync) kernels are measured against (docs/kernels.md).
+// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: a tensor-core kernel
+// (WMMA 16x16x16, fp32 accumulation; wmma_forward_kernel). Everything else runs on CUDA
+// cores: one thread owns one query row (forward, dQ) or one key row (dK/dV) with head_dim
+// values in registers; these are also the correctness baseline (docs/kernels.md).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -303,6 +305,176 @@ __global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* _
   }
 }
 
+
+// ---- tensor-core forward ------------------------------------------------------------------
+// A block owns 64 query rows; warp w owns rows [16w, 16w+16). Per 64-key tile:
+//   S = Q·Kᵀ (WMMA, fp32) -> masked online softmax on the warp's rows in shared memory
+//   (scores scaled to log2 units, exp2f) -> P in T -> O (fp32, shared) rescaled by alpha
+//   -> O += P·V (WMMA, accumulators loaded from and stored back to shared memory).
+constexpr int kWmmaRows = 64, kWmmaKeys = 64, kWmmaWarps = 4;
+
+template <class T, int D>
+struct WmmaSmem {
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + kWmmaRows * D * sizeof(T);
+  static constexpr size_t v = k + kWmmaKeys * D * sizeof(T);
+  static constexpr size_t s = v + kWmmaKeys * D * sizeof(T);
+  static constexpr size_t p = s + kWmmaRows * kWmmaKeys * sizeof(float);
+  static constexpr size_t o = p + kWmmaRows * kWmmaKeys * sizeof(T);
+  static constexpr size_t m = o + kWmmaRows * D * sizeof(float);
+  static constexpr size_t l = m + kWmmaRows * sizeof(float);
+  static constexpr size_t limit = l + kWmmaRows * sizeof(float);
+  static constexpr size_t bytes = limit + kWmmaRows * sizeof(int);
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
+    Problem p, const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks, const T* __restrict__ v,
+    Strides vs, T* __restrict__ out, Strides os, float* __restrict__ lse, Strides ls) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using L = WmmaSmem<T, D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem + L::q);
+  T* k_s = reinterpret_cast<T*>(smem + L::k);
+  T* v_s = reinterpret_cast<T*>(smem + L::v);
+  float* s_s = reinterpret_cast<float*>(smem + L::s);
+  T* p_s = reinterpret_cast<T*>(smem + L::p);
+  float* o_s = reinterpret_cast<float*>(smem + L::o);
+  float* m_s = reinterpret_cast<float*>(smem + L::m);
+  float* l_s = reinterpret_cast<float*>(smem + L::l);
+  int* limit_s = reinterpret_cast<int*>(smem + L::limit);
+  __shared__ int key_end;
+
+  const int64_t tiles = (p.L + kWmmaRows - 1) / kWmmaRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t row0 = bc.tile * kWmmaRows;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head);
+  const T zero = from_float<T>(0.f);
+
+  if (tid == 0) key_end = 0;
+  __syncthreads();
+  for (int r = tid; r < kWmmaRows; r += blockDim.x) {
+    const int64_t i = row0 + r;
+    const int lim = i < p.L ? int(p.key_limit(bc.group, i)) : 0;
+    limit_s[r] = lim;
+    m_s[r] = -INFINITY;
+    l_s[r] = 0.f;
+    atomicMax(&key_end, lim);
+  }
+  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    const int64_t i = row0 + r;
+    q_s[idx] = i < p.L ? q[qv.offset(i) + d] : zero;
+    o_s[idx] = 0.f;
+  }
+  __syncthreads();
+
+  const float score_scale = p.scale * kLog2e;
+  T* p_w = p_s + warp * 16 * kWmmaKeys;
+  float* s_w = s_s + warp * 16 * kWmmaKeys;
+  float* o_w = o_s + warp * 16 * D;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kWmmaKeys) {
+    for (int idx = tid; idx < kWmmaKeys * D; idx += blockDim.x) {
+      const int j = idx / D, d = idx % D;
+      const int64_t key = k0 + j;
+      k_s[idx] = key < p.L ? k[kv.offset(key) + d] : zero;
+      v_s[idx] = key < p.L ? v[vv.offset(key) + d] : zero;
+    }
+    __syncthreads();
+
+    // S (16 x 64 per warp) = Q_w (16 x D) · Kᵀ (D x 64); Kᵀ is K read column-major.
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWmmaKeys / 16];
+#pragma unroll
+    for (int c = 0; c < kWmmaKeys / 16; ++c) wmma::fill_fragment(acc[c], 0.f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
+#pragma unroll
+      for (int c = 0; c < kWmmaKeys / 16; ++c) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, k_s + c * 16 * D + kk * 16, D);
+        wmma::mma_sync(acc[c], a, b, acc[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kWmmaKeys / 16; ++c)
+      wmma::store_matrix_sync(s_w + c * 16, acc[c], kWmmaKeys, wmma::mem_row_major);
+    __syncwarp();
+
+    // Online softmax, one row at a time across the warp: each lane holds 2 of the 64 scores.
+    for (int r = 0; r < 16; ++r) {
+      const int row = warp * 16 + r;
+      const int64_t visible = limit_s[row] - k0;
+      float x[2];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
+        x[h] = j < visible ? s_w[r * kWmmaKeys + j] * score_scale : -INFINITY;
+        mx = fmaxf(mx, x[h]);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[row];
+      const float m_new = fmaxf(m_old, mx);
+      float alpha = 1.f, sum = 0.f;
+      if (m_new != -INFINITY) {
+        alpha = exp2f(m_old - m_new);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          x[h] = exp2f(x[h] - m_new);
+          sum += x[h];
+        }
+      } else {
+        x[0] = x[1] = 0.f;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) p_w[r * kWmmaKeys + lane + 32 * h] = from_float<T>(x[h]);
+      for (int d = lane; d < D; d += 32) o_w[r * D + d] *= alpha;
+      __syncwarp();
+      if (lane == 0) {
+        m_s[row] = m_new;
+        l_s[row] = l_s[row] * alpha + sum;
+      }
+      __syncwarp();
+    }
+
+    // O_w (16 x D) += P_w (16 x 64) · V (64 x D), accumulating in place in shared memory.
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
+      wmma::load_matrix_sync(o_frag, o_w + n * 16, D, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < kWmmaKeys / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(a, p_w + kk * 16, kWmmaKeys);
+        wmma::load_matrix_sync(b, v_s + kk * 16 * D + n * 16, D);
+        wmma::mma_sync(o_frag, a, b, o_frag);
+      }
+      wmma::store_matrix_sync(o_w + n * 16, o_frag, D, wmma::mem_row_major);
+    }
+    __syncthreads();  // before the next tile overwrites K/V
+  }
+
+  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
+  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    const int64_t i = row0 + r;
+    if (i >= p.L) continue;
+    const float l = l_s[r];
+    out[ov.offset(i) + d] = from_float<T>(l > 0.f ? o_s[idx] / l : 0.f);
+    if (d == 0) lse[lv.offset(i)] = l > 0.f ? (m_s[r] + log2f(l)) * kLn2 : INFINITY;
+  }
+#endif
+}
+
 Problem make_problem(const AttentionShape& shape, const AttentionOptions& o) {
   Problem p{int(o.mode), o.causal, float(o.scale), o.valid_lengths, shape.B, shape.T, shape.S, shape.heads, 0, 0};
   switch (o.mode) {
@@ -335,6 +507,15 @@ void dispatch(DType dtype, int64_t head_dim, Fn&& fn) {
   }
 }
 
+// WMMA with bf16 needs sm_80+, and the kernel needs up to ~137 KB of shared memory per block.
+bool tensor_cores_available() {
+  int device = 0, major = 0, smem = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return major >= 8 && size_t(smem) >= WmmaSmem<__nv_bfloat16, 128>::bytes;
+}
+
 }  // namespace
 
 bool head_dim_supported(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
@@ -347,6 +528,18 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
+    if constexpr (!std::is_same_v<T, float> && D >= 64) {
+      if (options.mode != cpu::AttentionMode::kTemporal && tensor_cores_available()) {
+        const size_t smem = WmmaSmem<T, D>::bytes;
+        cudaFuncSetAttribute(wmma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        const int64_t wmma_blocks = (p.L + kWmmaRows - 1) / kWmmaRows * shape.heads * p.groups;
+        wmma_forward_kernel<T, D><<<unsigned(wmma_blocks), 32 * kWmmaWarps, smem, stream>>>(
+            p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
+            strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
+            strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
+        return;
+      }
+    }
     forward_kernel<T, D><<<unsigned(blocks), kRows, 0, stream>>>(
         p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
         static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
