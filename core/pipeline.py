@@ -172,6 +172,7 @@ class Pipeline:
         captioner: str | Captioner | None | object = DEFAULT,
         audit_log: str | Path | None | object = DEFAULT,
         offload: bool | None = None,
+        autocast_dtype: torch.dtype | None | object = DEFAULT,
     ):
         self.bundle = bundle
         self.registry = registry or get_registry()
@@ -194,6 +195,12 @@ class Pipeline:
         if audit_log is DEFAULT:
             audit_log = default_audit_log_path()
         self.audit_log = AuditLog(audit_log) if audit_log else None
+        # Mixed precision: bf16 on CUDA by default; None runs in float32.
+        if autocast_dtype is DEFAULT:
+            autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
+        self.autocast_dtype = autocast_dtype
         # Offload idle components to the CPU when generating on a GPU.
         self.offload = (self.device.type == "cuda") if offload is None else offload
         self.bundle.transformer.to(self.device)
@@ -445,6 +452,6 @@ class Pipeline:
         return cond_latent, cond_mask
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)

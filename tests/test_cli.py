@@ -115,3 +115,28 @@ def test_strict_plugins_flag_is_passed_to_loading(tmp_path):
     env = {**os.environ, "SKYLOOM_DISABLE_PLUGINS": ""}
     proc = subprocess.run([sys.executable, "-m", "skyloom", "--strict-plugins", "plugins"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "sampler:" in proc.stdout
+
+
+def test_refused_prompt_exits_3_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("SKYLOOM_AUDIT_LOG", str(log))
+    out = tmp_path / "out" / "x.mp4"
+    out.parent.mkdir()
+    result = invoke("generate", "a man being decapitated, blood everywhere", "-o", str(out), "--steps", "1")
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines()[-1].startswith("refused: refused by safety filter 'policy' at stage prompt_safety: violence")
+    assert list(out.parent.iterdir()) == []
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(e["allowed"] is False and e["category"] == "violence" and e["filter"] == "policy" for e in entries)
+
+
+def test_safety_check_gives_one_decision_per_prompt(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("shooting hoops at the park\na video of a man being d e c a p i t a t e d\n")
+    result = invoke("safety", "check", "a knife cutting bread", "--file", str(prompts), "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["allowed"] for r in rows] == [True, True, False]
+    assert rows[2]["category"] == "violence" and rows[2]["filter"] == "policy"
+    assert result.exit_code == 3  # any refusal
+    assert invoke("safety", "check", "a red circle moves left").exit_code == 0
+    assert "no prompts" in invoke("safety", "check").output

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skyloom.kinds import PromptEnhancer, SafetyDecision, SafetyFilter, WatermarkDetection, Watermarker
+from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, WatermarkDetection, Watermarker
 from skyloom.pipeline import STAGES, Pipeline, SafetyRefusal
 from skyloom.request import Conditioning, GenerationRequest
 
@@ -161,3 +161,38 @@ def test_first_frame_conditioning_fixes_the_known_latent(pipe):
 def test_output_shape_equals_the_request(pipe, frames, w, h):
     result = pipe(small(frames=frames, width=8 * w, height=8 * h, steps=1, guidance=1.0))
     assert tuple(result.frames.shape) == (frames, 8 * h, 8 * w, 3)
+
+
+class CaptionSays(Captioner):
+    def __init__(self, caption):
+        self.text = caption
+
+    def caption(self, frames, fps):
+        return self.text
+
+
+def test_captions_of_conditioning_media_go_through_the_prompt_filters():
+    image = (Conditioning(torch.zeros(1, 32, 32, 3, dtype=torch.uint8), 0),)
+    safe = Pipeline.from_pretrained(device="cpu", safety_filters=[RefuseWord("forbidden")], watermarkers=[],
+                                    captioner=CaptionSays("a calm lake"), audit_log=None)
+    assert safe(small(conditioning=image)).record["conditioning_captions"] == ["a calm lake"]
+    unsafe = Pipeline(safe.bundle, safety_filters=[RefuseWord("forbidden")], watermarkers=[],
+                      captioner=CaptionSays("a forbidden scene"), audit_log=None, device="cpu")
+    with pytest.raises(SafetyRefusal) as refusal:
+        unsafe(small(conditioning=image))
+    assert refusal.value.stage == "conditioning_safety"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_autocast_generates_the_requested_video(pipe, dtype):
+    low = Pipeline(pipe.bundle, safety_filters=[], watermarkers=[], audit_log=None, device="cpu", autocast_dtype=dtype)
+    frames = low(small(seed=5)).frames
+    full = Pipeline(pipe.bundle, safety_filters=[], watermarkers=[], audit_log=None, device="cpu")(small(seed=5)).frames
+    assert frames.shape == full.shape and frames.dtype == torch.uint8
+    # The same video up to low-precision rounding: mean absolute pixel difference under 4 levels.
+    assert (frames.float() - full.float()).abs().mean() < 4
+
+
+def test_bad_autocast_dtype_is_refused(pipe):
+    with pytest.raises(ValueError, match="autocast_dtype must be"):
+        Pipeline(pipe.bundle, autocast_dtype=torch.int8, audit_log=None, device="cpu")

@@ -400,3 +400,9 @@ def test_model_is_loaded_once_per_process(corpus_decisions):
     from skyloom import minilm
 
     assert list(minilm.LOADED_MODELS) == [str(minilm.check_model_dir(minilm.default_model_path()))]
+
+
+def test_squeezed_repeats_do_not_open_an_allow_list_hole():
+    # "all gore" squeezes to "al gore"; that name must not be an allow-listed escape for "gore".
+    decision = PolicyFilter(semantic=False).check_text("kill them all, gore everywhere")
+    assert not decision.allowed
