@@ -20,7 +20,7 @@ $(VENV)/.installed: $(KERNEL_SOURCES)
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/skyloom generate "$(PROMPT)" -o $(DEMO_OUT) --frames 17 --size 64x64 --seed 0
+	$(VENV)/bin/skyloom generate "$(PROMPT)" -o $(DEMO_OUT) --frames 17 --size 64x64 --upscale 4 --seed 0
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

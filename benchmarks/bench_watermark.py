@@ -13,9 +13,17 @@ What it measures, on procedurally generated 256 x 256 (and larger) clips:
   statistic z that the detection threshold is chosen from.
 
 --anchor PYTHON runs invisible-watermark's dwtDct and dwtDctSvd on the same clips and attacks,
-frame by frame (majority vote of the per-frame bits), through a subprocess in a separate venv
-that has `invisible-watermark` (installed there with --no-deps: it never imports torch for
-these two methods, and this script stubs it out).
+frame by frame (majority vote of the per-frame bits), through a subprocess in a separate venv.
+That package lists torch as a dependency but only its rivaGan method uses it, so install it
+without (the anchor script stubs `torch` out):
+
+    python3 -m venv /tmp/iwm_venv
+    /tmp/iwm_venv/bin/pip install numpy opencv-python-headless PyWavelets Pillow
+    /tmp/iwm_venv/bin/pip install --no-deps invisible-watermark
+
+Measured 2026-11-22 (CPU): full run -> robustness table in 190 s, false positives 0 of 1,000
+with null z mean 4.19, std 0.34, 99th percentile 5.20, max 5.70, hence the default detection
+threshold 6.0 (detection also needs the payload's CRC-16 to check).
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from fractions import Fraction

@@ -69,11 +69,12 @@ def _check_output(output: Path, frames: int | None) -> None:
 @click.option("--negative", default="", help="Negative prompt: what the video should not show.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
 @click.option("--prompt-enhancer", help="Rewrite the prompt with this prompt_enhancer plugin ('none' to disable).")
+@click.option("--upscale", type=int, default=1, show_default=True, help="Resize the frames by this factor (Lanczos) before writing, e.g. 4 for 64x64 -> 256x256.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result record (everything but the frames) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer, crf, include_prompt, as_json, quiet):
+def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer, upscale, crf, include_prompt, as_json, quiet):
     """Generate a video (or a single frame) from PROMPT and write it to --output."""
     from skyloom.bundle import BundleError
     from skyloom.pipeline import DEFAULT, Pipeline, SafetyRefusal
@@ -91,7 +92,7 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
         pipeline = Pipeline.from_pretrained(model_dir, registry=registry, prompt_enhancer=enhancer)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, frames=frames, width=width, height=height,
-            fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+            fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler, upscale=upscale,
         )
         result = pipeline(request, progress=not quiet and sys.stdout.isatty())
         result.save(output, crf=crf, provenance=ProvenanceSettings.from_env(include_prompt=include_prompt or None))
@@ -105,6 +106,9 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
         sys.exit(130)
     if not pipeline.bundle.trained and not quiet:
         click.echo(f"note: model {pipeline.bundle.name!r} is untrained (random weights): the video does not follow the prompt", err=True)
+    watermarking = result.record["stages"].get("watermarking", {})
+    if watermarking.get("status") == "skipped" and result.record["plugins"]["watermarker"] and not quiet:
+        click.echo(f"note: not watermarked: {watermarking['reason']}", err=True)
     if as_json:
         click.echo(json.dumps(result.record, indent=2, default=str))
     elif not quiet:

@@ -157,6 +157,7 @@ class Watermarker(ABC):
     """Embeds an invisible payload in frames and finds it again after common edits."""
 
     payload_bytes: int = 8
+    min_frame_side: int = 1  # smaller frames cannot carry the mark: the pipeline skips and says so
 
     @abstractmethod
     def embed(self, frames: torch.Tensor, payload: bytes) -> torch.Tensor:

@@ -30,6 +30,7 @@ from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilte
 from skyloom.registry import Registry, get_registry
 from skyloom.request import GenerationRequest
 from skyloom.sampling import classifier_free_guidance, resolution_shift
+from skyloom.video_io import resize_frames
 
 STAGES = (
     "prompt_safety",
@@ -271,6 +272,7 @@ class Pipeline:
             "fps": request.fps,
             "steps": request.steps,
             "guidance": request.guidance,
+            "upscale": request.upscale,
             "model": {"name": b.name, "path": str(b.path), "hash": b.model_hash, "trained": b.trained},
             "device": str(self.device),
             "plugins": plugins,
@@ -375,6 +377,8 @@ class Pipeline:
             if self.offload:
                 vae.to("cpu")
             frames = torch.cat(chunks, dim=1)[:, : request.frames].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
+            if request.upscale > 1:  # before frame safety and watermarking: they see what is written
+                frames = resize_frames(frames, request.width * request.upscale, request.height * request.upscale)
 
         # 6. Frame safety.
         frame_filters = self.safety_filters
@@ -391,14 +395,23 @@ class Pipeline:
             self._judge(record, decisions)
 
         # 7. Watermarking: model id + a per-generation id.
+        side = min(frames.shape[1], frames.shape[2])
+        too_small = [(m, e) for m, e in self.watermarkers if side < getattr(m, "min_frame_side", 1)]
         if not self.watermarkers:
             _skip(record, "watermarking", "no watermarker selected")
+        elif len(too_small) == len(self.watermarkers):
+            need = min(m.min_frame_side for m, _ in too_small)
+            _skip(record, "watermarking", f"frames {frames.shape[2]}x{frames.shape[1]} are smaller than the "
+                  f"{need}-pixel side the watermarkers need; upscale the video (--upscale {-(-need // side)})")
         else:
-            with _measure(record, "watermarking"):
+            with _measure(record, "watermarking") as entry:
                 payload = bytes.fromhex(bundle.model_hash[:8]) + os.urandom(4)
-                for marker, entry in self.watermarkers:
+                for marker, plugin in self.watermarkers:
+                    if (marker, plugin) in too_small:
+                        entry.setdefault("too_small_for", []).append(plugin["name"])
+                        continue
                     frames = marker.embed(frames, payload)
-                    record["watermarks"].append({"watermarker": entry["name"], "payload": payload.hex()})
+                    record["watermarks"].append({"watermarker": plugin["name"], "payload": payload.hex()})
         return GenerationResult(frames=frames, fps=float(request.fps), record=record)
 
     def _num_tokens(self, latent_shape) -> int:

@@ -148,6 +148,7 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
         "width": record["width"],
         "height": record["height"],
         "fps": record["fps"],
+        "upscale": record.get("upscale", 1),
         "plugins": {
             kind: [{k: v for k, v in entry.items() if k in ("name", "package", "version", "injected")} for entry in entries]
             for kind, entries in (record.get("plugins") or {}).items()

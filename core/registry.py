@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "skyloom.plugins.sampler.ddpm",
     "skyloom.plugins.safety_filter.policy",
     "skyloom.plugins.safety_filter.hashlist",
+    "skyloom.plugins.watermarker.spreadspectrum",
 )
 
 # The hook that registers each kind, e.g. "sampler" -> "register_samplers".

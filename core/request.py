@@ -44,6 +44,7 @@ class GenerationRequest:
     sampler: str | None = None
     sampler_options: dict = field(default_factory=dict)
     conditioning: tuple[Conditioning, ...] = ()
+    upscale: int = 1  # resize the decoded frames by this factor (Lanczos) before writing
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
         """Fill the None fields from a model's defaults and draw a seed if none was given."""
@@ -77,6 +78,7 @@ class GenerationRequest:
         _check_int("steps", self.steps, 1, 1000, "e.g. --steps 30")
         _check_float("guidance", self.guidance, 0.0, 100.0, inclusive_low=True)
         _check_int("seed", self.seed, 0, 2**63 - 1, "any non-negative integer")
+        _check_int("upscale", self.upscale, 1, 8, "e.g. --upscale 4 makes 64x64 into 256x256")
         if not isinstance(self.sampler_options, dict):
             raise RequestError("sampler_options must be a dict of keyword arguments for the sampler")
         for index, cond in enumerate(self.conditioning):

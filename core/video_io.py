@@ -256,3 +256,15 @@ def read_video(path) -> tuple[torch.Tensor, float]:
     if len({f.shape for f in frames}) > 1:
         raise VideoIOError(f"cannot read {str(path)!r}: the frame size changes mid-stream")
     return torch.from_numpy(np.stack(frames)), fps
+
+
+def resize_frames(frames, width: int, height: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8 with a Lanczos filter (FFmpeg's swscale)."""
+    import av
+
+    array = as_frames(frames)
+    out = np.empty((array.shape[0], height, width, 3), dtype=np.uint8)
+    for index, frame in enumerate(array):
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        out[index] = video_frame.reformat(width=width, height=height, interpolation="LANCZOS").to_ndarray()
+    return torch.from_numpy(out)

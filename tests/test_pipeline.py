@@ -196,3 +196,17 @@ def test_mixed_precision_autocast_generates_the_requested_video(pipe, dtype):
 def test_bad_autocast_dtype_is_refused(pipe):
     with pytest.raises(ValueError, match="autocast_dtype must be"):
         Pipeline(pipe.bundle, autocast_dtype=torch.int8, audit_log=None, device="cpu")
+
+
+def test_upscale_resizes_before_frame_safety_and_watermarking(pipe):
+    seen = []
+
+    class Sizes(SafetyFilter):
+        def check_frames(self, frames):
+            seen.append(tuple(frames.shape))
+            return SafetyDecision(True)
+
+    big = Pipeline(pipe.bundle, safety_filters=[Sizes()], watermarkers=[CornerMark()], audit_log=None, device="cpu")
+    result = big(small(upscale=3))
+    assert tuple(result.frames.shape) == (5, 96, 96, 3) and seen == [(5, 96, 96, 3)]
+    assert result.record["upscale"] == 3 and result.record["width"] == 32
