@@ -101,6 +101,17 @@ inline cpu::StridedOut strided_out(at::Tensor& t) {
   return {t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
 }
 
+// valid: the contiguous int64 valid_lengths tensor, or nullptr; kernels read it through the pointer.
+inline cpu::AttentionOptions attention_options(const std::string& mode, bool causal, double scale,
+                                               const at::Tensor* valid) {
+  cpu::AttentionOptions o;
+  o.mode = parse_mode(mode);
+  o.causal = causal;
+  o.scale = scale;
+  o.valid_lengths = valid ? valid->data_ptr<int64_t>() : nullptr;
+  return o;
+}
+
 inline at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace skyloom::bindings

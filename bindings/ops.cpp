@@ -27,15 +27,6 @@ at::Tensor unpatchify_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size, 
   return video;
 }
 
-cpu::AttentionOptions options_of(const std::string& mode, bool causal, double scale, const at::Tensor* valid) {
-  cpu::AttentionOptions o;
-  o.mode = parse_mode(mode);
-  o.causal = causal;
-  o.scale = scale;
-  o.valid_lengths = valid ? valid->data_ptr<int64_t>() : nullptr;
-  return o;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, const std::string& mode, bool causal,
                                                          double scale, const c10::optional<at::Tensor>& valid_lengths) {
@@ -44,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({shape.B, shape.T, shape.S, shape.heads}, q.options().dtype(lse_dtype(q)));
   const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
-  cpu::attention_forward(dtype_of(q, "q"), shape, options_of(mode, causal, scale, valid_lengths ? &valid : nullptr),
+  cpu::attention_forward(dtype_of(q, "q"), shape, attention_options(mode, causal, scale, valid_lengths ? &valid : nullptr),
                          strided(q), strided(k), strided(v), strided_out(out), strided_out(lse));
   return {out, lse};
 }
@@ -65,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor grad_q = at::empty(q.sizes(), contiguous), grad_k = at::empty(q.sizes(), contiguous),
              grad_v = at::empty(q.sizes(), contiguous);
   const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
-  cpu::attention_backward(dtype_of(q, "q"), shape, options_of(mode, causal, scale, valid_lengths ? &valid : nullptr),
+  cpu::attention_backward(dtype_of(q, "q"), shape, attention_options(mode, causal, scale, valid_lengths ? &valid : nullptr),
                           strided(grad_out), strided(q), strided(k), strided(v), strided(out), strided(lse),
                           strided_out(grad_q), strided_out(grad_k), strided_out(grad_v));
   return {grad_q, grad_k, grad_v};

@@ -7,6 +7,7 @@ A kind with no plugin selected is skipped by the pipeline and the result record 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -45,6 +46,54 @@ class TextEncoder(ABC):
     def to(self, device: torch.device | str) -> "TextEncoder":
         """Move the encoder's weights (the pipeline offloads idle components to the CPU)."""
         return self
+
+
+class CachingTextEncoder(TextEncoder):
+    """A TextEncoder that keeps the encodings of its last `cache_size` prompts (least recently
+    used go first), so a pipeline called many times with one prompt, and the empty negative
+    prompt, encodes each once. Subclasses set `max_length`, `dim`, `dtype`, `device` and
+    `cache_size`, and implement `encode_uncached`."""
+
+    max_length: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    cache_size: int = 256
+
+    @abstractmethod
+    def encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distinct prompts -> tokens (B, max_length, D), mask (B, max_length), pooled (B, D)."""
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not one string; wrap it: encode([prompt])")
+        prompts = list(prompts)
+        cache = self.__dict__.setdefault("_cache", OrderedDict())  # prompt -> CPU (tokens, mask, pooled)
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        fresh = {}
+        if missing:
+            tokens, mask, pooled = self.encode_uncached(missing)
+            for i, prompt in enumerate(missing):
+                fresh[prompt] = (tokens[i].cpu().clone(), mask[i].cpu().clone(), pooled[i].cpu().clone())
+        rows = []
+        for prompt in prompts:
+            row = fresh.get(prompt) or cache[prompt]
+            rows.append(row)
+            if self.cache_size:
+                cache[prompt] = row
+                cache.move_to_end(prompt)
+                while len(cache) > self.cache_size:
+                    cache.popitem(last=False)
+        if not rows:
+            return TextEmbedding(
+                tokens=torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),
+                mask=torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
+                pooled=torch.zeros(0, self.dim, dtype=self.dtype, device=self.device),
+            )
+        tokens, mask, pooled = (torch.stack(column).to(self.device) for column in zip(*rows))
+        return TextEmbedding(tokens=tokens, mask=mask, pooled=pooled)
+
+    def clear_cache(self) -> None:
+        self.__dict__.get("_cache", {}).clear()
 
 
 # --- video_autoencoder -------------------------------------------------------------------

@@ -319,8 +319,8 @@ def test_hf_caches_and_shares_weights(t5_dir, monkeypatch):
     a, b = hf.HFTextEncoder(path=t5_dir, max_length=8), hf.HFTextEncoder(path=t5_dir, max_length=8, cache_size=1)
     assert a._loaded()[1] is b._loaded()[1]
     calls = []
-    real = hf.HFTextEncoder._forward
-    monkeypatch.setattr(hf.HFTextEncoder, "_forward", lambda self, prompts: calls.append(prompts) or real(self, prompts))
+    real = hf.HFTextEncoder.encode_uncached
+    monkeypatch.setattr(hf.HFTextEncoder, "encode_uncached", lambda self, prompts: calls.append(prompts) or real(self, prompts))
     first = b.encode(["a cat"])
     second = b.encode(["a cat"])
     b.encode(["a fox"])

@@ -44,15 +44,6 @@ at::Tensor unpatchify_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size,
   return video;
 }
 
-cpu::AttentionOptions cuda_options(const std::string& mode, bool causal, double scale, const at::Tensor* valid) {
-  cpu::AttentionOptions o;
-  o.mode = parse_mode(mode);
-  o.causal = causal;
-  o.scale = scale;
-  o.valid_lengths = valid ? valid->data_ptr<int64_t>() : nullptr;
-  return o;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                           const at::Tensor& v_in, const std::string& mode,
                                                           bool causal, double scale,
@@ -66,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({shape.B, shape.T, shape.S, shape.heads}, q.options().dtype(at::kFloat));
   const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
-  cuda::attention_forward(dtype_of(q, "q"), shape, cuda_options(mode, causal, scale, valid_lengths ? &valid : nullptr),
+  cuda::attention_forward(dtype_of(q, "q"), shape, attention_options(mode, causal, scale, valid_lengths ? &valid : nullptr),
                           strided(q), strided(k), strided(v), strided_out(out), strided_out(lse),
                           c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -94,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   at::Tensor delta = at::empty({shape.B, shape.T, shape.S, shape.heads}, q.options().dtype(at::kFloat));
   const at::Tensor valid = valid_lengths ? valid_lengths->contiguous() : at::Tensor();
   cuda::attention_backward(dtype_of(q, "q"), shape,
-                           cuda_options(mode, causal, scale, valid_lengths ? &valid : nullptr), strided(grad_out),
+                           attention_options(mode, causal, scale, valid_lengths ? &valid : nullptr), strided(grad_out),
                            strided(q), strided(k), strided(v), strided(out), strided(lse), strided_out(grad_q),
                            strided_out(grad_k), strided_out(grad_v), delta.data_ptr<float>(),
                            c10::cuda::getCurrentCUDAStream());

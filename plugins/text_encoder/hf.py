@@ -17,14 +17,13 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+
 
 import torch
 
 from skyloom.hookspecs import hookimpl
-from skyloom.kinds import TextEmbedding, TextEncoder
+from skyloom.kinds import CachingTextEncoder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -125,7 +124,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32") ->
         return _MODELS[key]
 
 
-class HFTextEncoder(TextEncoder):
+class HFTextEncoder(CachingTextEncoder):
     """A local transformers encoder as a skyloom text encoder.
 
     path: directory saved with save_pretrained (config.json, weights, tokenizer files).
@@ -162,8 +161,6 @@ class HFTextEncoder(TextEncoder):
         self.dtype = _resolve_dtype(dtype)
         self.device = torch.device(device)
         self.cache_size = cache_size
-        # prompt -> (tokens (L, D), mask (L,), pooled (D,)) on the CPU
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _loaded(self) -> tuple[object, torch.nn.Module]:
         tokenizer, model = load_model(self.path, self.dtype)
@@ -172,7 +169,7 @@ class HFTextEncoder(TextEncoder):
         return tokenizer, model
 
     @torch.no_grad()
-    def _forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokenizer, model = self._loaded()
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
         if max(lengths) > self.max_length:
@@ -193,46 +190,11 @@ class HFTextEncoder(TextEncoder):
             pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D) mean of real tokens
         return tokens, mask, pooled.to(tokens.dtype)
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not one string; wrap it: encode([prompt])")
-        prompts = list(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh = {}
-        if missing:
-            tokens, mask, pooled = self._forward(missing)
-            for i, prompt in enumerate(missing):
-                fresh[prompt] = (tokens[i].cpu().clone(), mask[i].cpu().clone(), pooled[i].cpu().clone())
-        rows = []
-        for prompt in prompts:
-            row = fresh.get(prompt) or self._cache[prompt]
-            rows.append(row)
-            self._remember(prompt, row)
-        if not rows:
-            return TextEmbedding(
-                tokens=torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),
-                mask=torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
-                pooled=torch.zeros(0, self.dim, dtype=self.dtype, device=self.device),
-            )
-        tokens, mask, pooled = (torch.stack(column).to(self.device) for column in zip(*rows))
-        return TextEmbedding(tokens=tokens, mask=mask, pooled=pooled)
-
     def to(self, device: torch.device | str) -> "HFTextEncoder":
         self.device = torch.device(device)
         if (str(self.path), self.dtype) in _MODELS:  # otherwise the first encode moves it there
             self._loaded()
         return self
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    def _remember(self, prompt: str, row: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        if self.cache_size == 0:
-            return
-        self._cache[prompt] = row
-        self._cache.move_to_end(prompt)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
 
 
 @hookimpl

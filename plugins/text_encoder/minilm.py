@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from skyloom.hookspecs import hookimpl
-from skyloom.kinds import TextEmbedding, TextEncoder
+from skyloom.kinds import CachingTextEncoder
 from skyloom import minilm as shared_model
 from skyloom.minilm import DIM, MAX_POSITIONS, check_model_dir, device_of, encode_batch, default_model_path, embed_sentences, load_model
 
 
-class MiniLMTextEncoder(TextEncoder):
+class MiniLMTextEncoder(CachingTextEncoder):
     """all-MiniLM-L6-v2 as a skyloom text encoder.
 
     max_length: every prompt is padded or truncated to this many tokens (L), so embeddings of
@@ -58,8 +57,6 @@ class MiniLMTextEncoder(TextEncoder):
         self.max_length = max_length
         self.device = torch.device(device)
         self.cache_size = cache_size
-        # prompt -> (tokens (L, D), mask (L,), pooled (D,)) on the CPU
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _loaded(self) -> tuple[object, torch.nn.Module]:
         tokenizer, model = load_model(self.path)
@@ -67,31 +64,10 @@ class MiniLMTextEncoder(TextEncoder):
             model.to(self.device)
         return tokenizer, model
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not one string; wrap it: encode([prompt])")
-        prompts = list(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh = {}
-        if missing:
-            tokenizer, model = self._loaded()
-            self._warn_if_truncated(tokenizer, missing)
-            tokens, mask, pooled = encode_batch(tokenizer, model, missing, self.max_length, pad_to_max=True)
-            for i, prompt in enumerate(missing):
-                fresh[prompt] = (tokens[i].cpu().clone(), mask[i].cpu().clone(), pooled[i].cpu().clone())
-        rows = []
-        for prompt in prompts:
-            row = fresh.get(prompt) or self._cache[prompt]
-            rows.append(row)
-            self._remember(prompt, row)
-        if not rows:
-            return TextEmbedding(
-                tokens=torch.zeros(0, self.max_length, DIM, device=self.device),
-                mask=torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
-                pooled=torch.zeros(0, DIM, device=self.device),
-            )
-        tokens, mask, pooled = (torch.stack(column).to(self.device) for column in zip(*rows))
-        return TextEmbedding(tokens=tokens, mask=mask, pooled=pooled)
+    def encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokenizer, model = self._loaded()
+        self._warn_if_truncated(tokenizer, prompts)
+        return encode_batch(tokenizer, model, prompts, self.max_length, pad_to_max=True)
 
     def embed_sentences(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, 384) normalised sentence embeddings (see the module function `embed_sentences`)."""
@@ -103,17 +79,6 @@ class MiniLMTextEncoder(TextEncoder):
         if str(self.path) in shared_model.LOADED_MODELS:  # otherwise the first encode loads it onto `device`
             self._loaded()
         return self
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    def _remember(self, prompt: str, row: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        if self.cache_size == 0:
-            return
-        self._cache[prompt] = row
-        self._cache.move_to_end(prompt)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
 
     def _warn_if_truncated(self, tokenizer, prompts: list[str]) -> None:
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
