@@ -23,10 +23,13 @@ class SkyloomCLIError(click.ClickException):
 
 
 def _registry():
-    from skyloom.registry import PluginClashError, PluginLoadError, get_registry
+    """The process-wide registry, or a strictly loaded one under `skyloom --strict-plugins`."""
+    from skyloom.registry import PluginClashError, PluginLoadError, Registry, get_registry
 
+    context = click.get_current_context(silent=True)
+    strict = bool(context and context.find_root().params.get("strict_plugins"))
     try:
-        return get_registry()
+        return Registry.load(strict=True) if strict else get_registry()
     except (PluginLoadError, PluginClashError) as error:
         raise SkyloomCLIError(str(error)) from None
 
@@ -36,8 +39,6 @@ def _registry():
 @click.option("--strict-plugins", is_flag=True, help="A plugin that fails to load is an error (also SKYLOOM_STRICT_PLUGINS=1).")
 def main(strict_plugins: bool) -> None:
     """skyloom: Sora-style video generation with swappable plugins."""
-    if strict_plugins:
-        os.environ["SKYLOOM_STRICT_PLUGINS"] = "1"
 
 
 def _check_output(output: Path, frames: int | None) -> None:
@@ -104,6 +105,8 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
+    except Exception as error:  # e.g. out of memory: one line, not a traceback
+        raise SkyloomCLIError(f"{type(error).__name__}: {error}") from None
     if not pipeline.bundle.trained and not quiet:
         click.echo(f"note: model {pipeline.bundle.name!r} is untrained (random weights): the video does not follow the prompt", err=True)
     watermarking = result.record["stages"].get("watermarking", {})
@@ -222,7 +225,7 @@ def safety_check(prompts, prompt_file, filters, as_json):
         raise SkyloomCLIError(str(error)) from None
     refused_any = False
     for prompt in prompts:
-        decisions = check_text(loaded, prompt, "prompt")
+        decisions = check_text(loaded, prompt, "prompt_safety")
         refusal = next((d for d in decisions if not d.allowed), None)
         refused_any |= refusal is not None
         if as_json:
@@ -255,10 +258,10 @@ def verify(file, as_json):
     from skyloom.video_io import VideoIOError
 
     registry = _registry()
-    markers = [(name, registry.create("watermarker", name)) for name in registry.names("watermarker")]
     try:
+        markers = [(name, registry.create("watermarker", name)) for name in registry.names("watermarker")]
         report = verify_file(file, watermarkers=markers)
-    except (ProvenanceError, VideoIOError) as error:
+    except (ProvenanceError, VideoIOError, ValueError) as error:
         raise SkyloomCLIError(str(error)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["verdict"] == "tampered":

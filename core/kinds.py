@@ -74,15 +74,13 @@ class CachingTextEncoder(TextEncoder):
             tokens, mask, pooled = self.encode_uncached(missing)
             for i, prompt in enumerate(missing):
                 fresh[prompt] = (tokens[i].cpu().clone(), mask[i].cpu().clone(), pooled[i].cpu().clone())
-        rows = []
-        for prompt in prompts:
-            row = fresh.get(prompt) or cache[prompt]
-            rows.append(row)
-            if self.cache_size:
+        rows = [fresh.get(prompt) or cache[prompt] for prompt in prompts]  # before any eviction
+        if self.cache_size:
+            for prompt, row in zip(prompts, rows):
                 cache[prompt] = row
                 cache.move_to_end(prompt)
-                while len(cache) > self.cache_size:
-                    cache.popitem(last=False)
+            while len(cache) > self.cache_size:
+                cache.popitem(last=False)
         if not rows:
             return TextEmbedding(
                 tokens=torch.zeros(0, self.max_length, self.dim, dtype=self.dtype, device=self.device),
@@ -177,7 +175,7 @@ class SafetyDecision:
     reason: str = ""  # one line a person can read
     score: float | None = None  # the filter's own confidence, when it has one
     filter: str = ""  # filled in by the pipeline: the plugin's registered name
-    stage: str = ""  # filled in by the pipeline: "prompt", "enhanced_prompt", "frames", ...
+    stage: str = ""  # filled in by the pipeline: the stage's name, e.g. "prompt_safety", "frame_safety"
 
 
 class SafetyFilter(ABC):

@@ -10,6 +10,7 @@ Load once, call many times: no state is kept between requests except caches of p
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import resource
 import sys
@@ -28,7 +29,7 @@ from skyloom.bundle import DEFAULT_MODEL_DIR, ModelBundle, load_bundle
 from skyloom.provenance import ProvenanceSettings, write_signed_media
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
 from skyloom.registry import Registry, get_registry
-from skyloom.request import GenerationRequest
+from skyloom.request import GenerationRequest, RequestError
 from skyloom.sampling import classifier_free_guidance, resolution_shift
 from skyloom.video_io import resize_frames
 
@@ -45,8 +46,8 @@ STAGES = (
     "writing",
 )
 
-DEFAULT = object()
-DECODE_CHUNK_FRAMES = 4  # latent frames per decoder call: bounds decoder memory for long videos  # "use the model's or the registry's default" for plugin arguments
+DEFAULT = object()  # "use the model's or the registry's default" for plugin arguments
+DECODE_CHUNK_FRAMES = 4  # latent frames per decoder call: bounds decoder memory for long videos
 
 
 class SafetyRefusal(Exception):
@@ -246,9 +247,14 @@ class Pipeline:
         defaults = {k: self.defaults[k] for k in ("frames", "width", "height", "fps", "steps", "guidance") if k in self.defaults}
         defaults["sampler"] = self.sampler if isinstance(self.sampler, str) else self.defaults.get("sampler", "euler")
         request = request.with_defaults(defaults)
-        request.validate(spatial_multiple=self.bundle.video_autoencoder.spatial_compression)
+        vae = self.bundle.video_autoencoder
+        request.validate(spatial_multiple=vae.spatial_compression, temporal_multiple=vae.temporal_compression)
         if self.sampler is None or isinstance(self.sampler, str):
-            self.registry.get("sampler", request.sampler)  # unknown names fail before any work
+            factory = self.registry.get("sampler", request.sampler).factory  # unknown names fail before any work
+            try:
+                inspect.signature(factory).bind(**request.sampler_options)
+            except TypeError as error:
+                raise RequestError(f"sampler_options {request.sampler_options} do not fit sampler {request.sampler!r}: {error}") from None
         return request
 
     def _base_record(self, request: GenerationRequest) -> dict:
@@ -329,12 +335,8 @@ class Pipeline:
 
         # 3. Text encoding: the prompt and the negative prompt (the unconditional branch).
         encoder = bundle.text_encoder
-        with _measure(record, "text_encoding"):
-            if self.offload:
-                encoder.to(self.device)
+        with _measure(record, "text_encoding"), self._on_device(encoder):
             emb = encoder.encode([prompt, request.negative_prompt])
-            if self.offload:
-                encoder.to("cpu")
             tokens, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
 
         # 4. Sampling in latent space.
@@ -366,16 +368,12 @@ class Pipeline:
             sample = torch.where(known, cond_latent, sample)
 
         # 5. Decoding to pixels, a few latent frames at a time; only uint8 frames accumulate.
-        with _measure(record, "decoding"), torch.inference_mode(), self._autocast():
-            if self.offload:
-                vae.to(self.device)
+        with _measure(record, "decoding"), torch.inference_mode(), self._autocast(), self._on_device(vae):
             chunks = []
             latent = sample.to(next(vae.parameters()).dtype)
             for pixels in vae.iter_decode(latent, chunk_frames=DECODE_CHUNK_FRAMES):  # (1, 3, t, H', W') in [-1, 1]
                 pixels = pixels[0, :, :, : request.height, : request.width]
                 chunks.append(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-            if self.offload:
-                vae.to("cpu")
             frames = torch.cat(chunks, dim=1)[:, : request.frames].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
             if request.upscale > 1:  # before frame safety and watermarking: they see what is written
                 frames = resize_frames(frames, request.width * request.upscale, request.height * request.upscale)
@@ -390,7 +388,7 @@ class Pipeline:
                 for flt, entry in frame_filters:
                     decision = flt.check_frames(frames)
                     if decision is not None:
-                        decision.filter, decision.stage = entry["name"], "frames"
+                        decision.filter, decision.stage = entry["name"], "frame_safety"
                         decisions.append(decision)
             self._judge(record, decisions)
 
@@ -401,8 +399,9 @@ class Pipeline:
             _skip(record, "watermarking", "no watermarker selected")
         elif len(too_small) == len(self.watermarkers):
             need = min(m.min_frame_side for m, _ in too_small)
+            factor = -(-need // min(request.width, request.height))  # the --upscale that reaches `need`
             _skip(record, "watermarking", f"frames {frames.shape[2]}x{frames.shape[1]} are smaller than the "
-                  f"{need}-pixel side the watermarkers need; upscale the video (--upscale {-(-need // side)})")
+                  f"{need}-pixel side the watermarkers need; upscale the video (--upscale {factor})")
         else:
             with _measure(record, "watermarking") as entry:
                 payload = bytes.fromhex(bundle.model_hash[:8]) + os.urandom(4)
@@ -439,18 +438,13 @@ class Pipeline:
             return cond_latent, cond_mask
         vae = self.bundle.video_autoencoder
         ct = vae.temporal_compression
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device(vae):
             for cond in request.conditioning:
                 start = cond.start_frame if cond.start_frame >= 0 else request.frames + cond.start_frame
                 media = cond.media.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (3, T, H, W) in [-1, 1]
                 media = F.interpolate(media, size=(request.height, request.width), mode="bilinear", antialias=True, align_corners=False)
                 # Latent frame 0 covers pixel frame 0; latent frame j >= 1 covers pixel frames (j-1)·ct+1 .. j·ct.
-                first = 0 if start == 0 else 1 + (start - 1) // ct
-                if start != 0 and (start - 1) % ct:
-                    raise ValueError(
-                        f"conditioning starting at frame {start} is not on a latent frame boundary; "
-                        f"use frame 0 or 1 + k·{ct}"
-                    )
+                first = 0 if start == 0 else 1 + (start - 1) // ct  # on a boundary: validate() checked
                 if start != 0:  # encode behind a copy of its first frame, whose latent is then dropped
                     media = torch.cat([media[:, :1], media], dim=1)
                 pad = -(media.shape[1] - 1) % ct  # the encoder takes 1 + k·ct frames: repeat the last
@@ -463,6 +457,18 @@ class Pipeline:
                 cond_mask[:, first : first + n] = 1
         record["conditioning"] = [{"start_frame": c.start_frame, "frames": int(c.media.shape[0])} for c in request.conditioning]
         return cond_latent, cond_mask
+
+    @contextlib.contextmanager
+    def _on_device(self, component):
+        """With offloading, a component visits the device only for its own stage, even on error."""
+        if not self.offload:
+            yield component
+            return
+        component.to(self.device)
+        try:
+            yield component
+        finally:
+            component.to("cpu")
 
     def _autocast(self):
         if self.autocast_dtype is None:

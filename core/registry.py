@@ -167,7 +167,16 @@ class Registry:
             package = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")
             sources[name] = (package.split(".")[0], "")
 
-        pm.check_pending()  # a misspelt hook name fails loudly
+        # A hook implementation with no matching spec (a misspelt hook name) fails loudly: the
+        # plugin is dropped with a warning, or loading stops when strict.
+        while True:
+            try:
+                pm.check_pending()
+                break
+            except pluggy.PluginValidationError as error:
+                name = pm.get_name(error.plugin) or repr(error.plugin)
+                pm.unregister(error.plugin)
+                fail(name, error)
 
         for kind, hook_name in HOOK_FOR_KIND.items():
             hook = getattr(pm.hook, hook_name)

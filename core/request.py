@@ -56,7 +56,7 @@ class GenerationRequest:
             filled["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
         return replace(self, **filled)
 
-    def validate(self, *, spatial_multiple: int = 1) -> None:
+    def validate(self, *, spatial_multiple: int = 1, temporal_multiple: int = 1) -> None:
         """Raise RequestError naming the first invalid field; call after with_defaults."""
         if not isinstance(self.prompt, str):
             raise RequestError(f"prompt must be a string, got {type(self.prompt).__name__}")
@@ -93,6 +93,12 @@ class GenerationRequest:
                     f"conditioning[{index}] covers frames {start}..{start + media.shape[0] - 1}, "
                     f"outside the {self.frames} requested frames"
                 )
+            if start != 0 and (start - 1) % temporal_multiple:
+                # Latent frame 0 is pixel frame 0; latent frame j >= 1 covers frames (j-1)·ct+1 .. j·ct.
+                raise RequestError(
+                    f"conditioning[{index}] starts at frame {start}, not on a latent frame boundary: "
+                    f"use frame 0 or 1 + k·{temporal_multiple}"
+                )
 
 
 def _check_int(name, value, low, high, hint=""):
@@ -113,7 +119,7 @@ def _check_float(name, value, low, high, inclusive_low=False):
 def parse_size(text: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (width, height), e.g. '80x48' -> (80, 48)."""
     parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise RequestError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 64x64 or 80x48")
     width, height = (int(p) for p in parts)
     return width, height

@@ -26,14 +26,20 @@ VERDICTS = ("signed_intact", "signed_no_watermark", "tampered", "stripped_waterm
 
 def _detect_watermark(frames, watermarkers: list[tuple[str, Watermarker]]) -> dict:
     """Run every watermarker; report the most confident detection, else the best miss."""
-    checked, best = [], None
+    checked, best, too_small = [], None, []
     for name, marker in watermarkers:
-        detection = marker.detect(frames)
+        try:
+            detection = marker.detect(frames)
+        except ValueError:  # frames below what this watermarker can read: it cannot be there
+            too_small.append(name)
+            continue
         checked.append(name)
         key = (bool(detection.detected), float(detection.confidence))
         if best is None or key > best[0]:
             best = (key, name, detection)
     result = {"detected": False, "payload": None, "confidence": 0.0, "watermarker": None, "checked": checked}
+    if too_small:
+        result["too_small_for"] = too_small
     if best is not None:
         (detected, confidence), name, detection = best
         result["confidence"] = round(confidence, 4)

@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_state(tmp_path_factory):
+    """Keep the audit log and the development signing CA out of the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKYLOOM_AUDIT_LOG", str(tmp_path_factory.mktemp("state") / "audit.jsonl"))
+        patch.setenv("SKYLOOM_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+        yield

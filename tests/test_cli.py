@@ -112,11 +112,16 @@ def test_doctor_reports_build_devices_and_versions():
     assert "extension: built with" in text and "devices: cpu" in text
 
 
-def test_strict_plugins_flag_is_passed_to_loading(tmp_path):
-    # A subprocess: the flag sets the environment before the process-wide registry loads.
-    env = {**os.environ, "SKYLOOM_DISABLE_PLUGINS": ""}
-    proc = subprocess.run([sys.executable, "-m", "skyloom", "--strict-plugins", "plugins"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0 and "sampler:" in proc.stdout
+def test_strict_plugins_flag_makes_a_broken_plugin_fatal(tmp_path):
+    from tests.test_registry import install_fake_dist
+
+    install_fake_dist(tmp_path, "acme-broken", "0.1", {"acme_broken": "raise ImportError('boom')"}, {"broken": "acme_broken"})
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SKYLOOM_STRICT_PLUGINS": ""}
+    lenient = subprocess.run([sys.executable, "-m", "skyloom", "plugins"], capture_output=True, text=True, env=env)
+    assert lenient.returncode == 0 and "sampler:" in lenient.stdout and "failed to load: broken (acme-broken)" in lenient.stderr
+    strict = subprocess.run([sys.executable, "-m", "skyloom", "--strict-plugins", "plugins"], capture_output=True, text=True, env=env)
+    assert strict.returncode == 1
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: skyloom plugin 'broken (acme-broken)' failed to load: ImportError: boom")
 
 
 def test_refused_prompt_exits_3_with_one_line_and_writes_nothing(tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ def test_frame_filter_refuses_after_decoding(tmp_path):
     pipe.bundle.video_autoencoder.iter_decode = lambda latent, chunk_frames: iter([torch.ones(1, 3, 5, 32, 32)])
     with pytest.raises(SafetyRefusal) as refusal:
         pipe(small())
-    assert refusal.value.stage == "frames" and refusal.value.category == "too_bright"
+    assert refusal.value.stage == "frame_safety" and refusal.value.category == "too_bright"
 
 
 def test_same_seed_same_video_and_no_state_leaks(pipe):
@@ -210,3 +210,9 @@ def test_upscale_resizes_before_frame_safety_and_watermarking(pipe):
     result = big(small(upscale=3))
     assert tuple(result.frames.shape) == (5, 96, 96, 3) and seen == [(5, 96, 96, 3)]
     assert result.record["upscale"] == 3 and result.record["width"] == 32
+
+
+
+def test_bad_sampler_options_fail_before_any_work(pipe):
+    with pytest.raises(ValueError, match="sampler_options .* do not fit sampler 'euler'"):
+        pipe([small("a forbidden thing"), small(sampler_options={"warp": 9})])

@@ -123,8 +123,11 @@ def test_misspelt_hook_fails_loudly():
         def register_sampler(self, register):  # missing the final "s"
             pass
 
-    with pytest.raises(Exception, match="register_sampler"):
-        Registry.load(builtins=(), entry_points=False, extra_plugins=[Misspelt()])
+    with pytest.warns(RuntimeWarning, match="unknown hook 'register_sampler'"):
+        registry = Registry.load(builtins=(), entry_points=False, extra_plugins=[Misspelt(), InlinePlugin()], strict=False)
+    assert registry.names("prompt_enhancer") == ["upper"]  # the rest still load
+    with pytest.raises(PluginLoadError, match="unknown hook 'register_sampler'"):
+        Registry.load(builtins=(), entry_points=False, extra_plugins=[Misspelt()], strict=True)
 
 
 def test_disable_plugins_by_plugin_or_component_name(tmp_path, monkeypatch):

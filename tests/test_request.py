@@ -74,7 +74,15 @@ def test_parse_size_reads_width_then_height(width, height, sep):
     assert parse_size(f"{width}{sep}{height}") == (width, height)
 
 
-@pytest.mark.parametrize("text", ["64", "64x", "x64", "64x64x3", "sixty-four", "-64x64", "64.5x64"])
+@pytest.mark.parametrize("text", ["64", "64x", "x64", "64x64x3", "sixty-four", "-64x64", "64.5x64", "²x64"])
 def test_parse_size_rejects_malformed(text):
     with pytest.raises(RequestError, match="is not WIDTHxHEIGHT"):
         parse_size(text)
+
+
+def test_conditioning_must_start_on_a_latent_frame_boundary():
+    image = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    for start in (0, 1, 5, 9):
+        GenerationRequest("x", frames=17, conditioning=(Conditioning(image, start),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    with pytest.raises(RequestError, match=r"starts at frame 3, not on a latent frame boundary: use frame 0 or 1 \+ k·4"):
+        GenerationRequest("x", frames=17, conditioning=(Conditioning(image, 3),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)

@@ -361,3 +361,11 @@ def test_hf_unknown_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="cannot read the config"):
         hf.HFTextEncoder(path=tmp_path)
+
+
+def test_minilm_cache_smaller_than_one_call(encoder):
+    enc = fresh(encoder, cache_size=1)
+    enc.encode(["a"])
+    out = enc.encode(["a", "b", "a"])  # "a" must not be evicted while the call still needs it
+    torch.testing.assert_close(out.tokens[0], out.tokens[2])
+    assert len(enc._cache) == 1
