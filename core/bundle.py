@@ -302,6 +302,9 @@ def save_bundle(path: str | os.PathLike, index: dict, components: dict[str, nn.M
             save_file(state, str(staging / f"{name}.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and the hash covers the bytes
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if not root.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a bundle is shared like any directory
             os.replace(staging, root)  # one rename: the bundle appears whole
             return root
         for name in components:  # an existing bundle: weights first, then the index that names them
