@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from skyloom.datasets.shapes import shapes_command
+
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".png",)
 
@@ -266,3 +268,11 @@ def verify(file, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["verdict"] == "tampered":
         sys.exit(2)
+
+
+@main.group()
+def dataset():
+    """Make training data."""
+
+
+dataset.add_command(shapes_command)

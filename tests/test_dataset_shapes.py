@@ -1,0 +1,303 @@
+"""The shapes-world dataset: its clips are what the manifest says, in pixels, deterministically."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skyloom import shapes_world as world
+from skyloom.datasets import shapes
+from skyloom.datasets.shapes import (
+    DatasetError,
+    SceneSpec,
+    iter_dataset,
+    make_clip,
+    read_manifest,
+    render,
+    sample_scene,
+    shapes_command,
+    write_dataset,
+)
+from skyloom.video_io import read_video
+
+seeds = st.integers(0, 2**32)
+scene_args = st.fixed_dictionaries({
+    "size": st.sampled_from(world.SIZES),
+    "frames": st.sampled_from(world.DURATIONS),
+    "split": st.sampled_from(["train", "heldout", "all"]),
+    "objects": st.sampled_from([1, 2]),
+})
+
+
+def object_pixels(frames: np.ndarray, scene: SceneSpec, index: int, t: int) -> np.ndarray:
+    """(H, W) bool: pixels of object `index`'s colour inside its box in frame t."""
+    x0, y0, x1, y1 = scene.boxes()[index, t]
+    mask = np.zeros(frames.shape[1:3], dtype=bool)
+    window = frames[t, y0:y1, x0:x1]
+    mask[y0:y1, x0:x1] = (window == np.array(scene.objects[index]["rgb"], dtype=np.uint8)).all(-1)
+    return mask
+
+
+# --- determinism -----------------------------------------------------------------------------
+
+
+@given(seed=seeds, index=st.integers(0, 10_000))
+def test_a_clip_depends_only_on_seed_and_index(seed, index):
+    scene_a, frames_a = make_clip(seed, index)
+    scene_b, frames_b = make_clip(seed, index)
+    assert scene_a == scene_b
+    assert frames_a.numpy().tobytes() == frames_b.numpy().tobytes()
+
+
+def test_different_seeds_give_different_datasets():
+    first = [frames.numpy().tobytes() for _, frames in iter_dataset(0, 4)]
+    second = [frames.numpy().tobytes() for _, frames in iter_dataset(1, 4)]
+    assert first == [frames.numpy().tobytes() for _, frames in iter_dataset(0, 4)]
+    assert all(a != b for a, b in zip(first, second))
+
+
+def test_clip_i_is_the_same_in_any_dataset_and_clips_differ():
+    scenes = [scene for scene, _ in iter_dataset(2, 18)]
+    assert scenes[:5] == [scene for scene, _ in iter_dataset(2, 5)]
+    assert scenes[12] == make_clip(2, 12)[0]
+    same_bucket = [(scenes[i], scenes[i + 9]) for i in range(9)]
+    assert all(a.objects != b.objects for a, b in same_bucket)
+
+
+def test_iter_dataset_streams_one_clip_at_a_time(monkeypatch):
+    made = []
+    real = shapes.make_clip
+    monkeypatch.setattr(shapes, "make_clip", lambda seed, index, **kw: made.append(index) or real(seed, index, **kw))
+    clips = iter_dataset(0, 10**9)  # far more than fit in memory
+    next(clips)
+    next(clips)
+    assert made == [0, 1]
+
+
+def test_buckets_are_cycled_evenly():
+    buckets = [((s.width, s.height), s.frames) for s, _ in iter_dataset(5, 2 * len(shapes.BUCKETS))]
+    expected = {(size, frames) for size in world.SIZES for frames in world.DURATIONS}
+    assert set(buckets[: len(expected)]) == expected
+    assert set(buckets[len(expected):]) == expected
+
+
+# --- every scene keeps the promises of the module docstring --------------------------------
+
+
+@given(seed=seeds, args=scene_args)
+def test_scene_spec_invariants(seed, args):
+    scene = sample_scene(np.random.default_rng(seed), **args)
+    assert (scene.width, scene.height) == args["size"] and scene.frames == args["frames"]
+    assert scene.fps == world.FPS and scene.background in world.BACKGROUNDS
+    assert len(scene.objects) == args["objects"]
+    shorter = min(scene.width, scene.height)
+    for obj in scene.objects:
+        assert obj["shape"] in world.SHAPES and obj["colour"] in world.COLOURS and obj["motion"] in world.MOTIONS
+        assert 0.2 * shorter <= obj["size"] <= 0.3 * shorter
+        palette = np.array(world.COLOURS[obj["colour"]])
+        assert np.abs(np.array(obj["rgb"]) - palette).max() <= 8  # ±8 per channel
+        dx, dy = world.MOTIONS[obj["motion"]]
+        moved = np.array(obj["end"]) - np.array(obj["start"])
+        if (dx, dy) == (0, 0):
+            assert moved.tolist() == [0, 0]
+        else:
+            axis = 0 if dx else 1
+            length = (scene.width, scene.height)[axis]
+            assert moved[1 - axis] == 0, "moves only along its axis"
+            assert np.sign(moved[axis]) == (dx or dy), "in its direction"
+            assert abs(moved[axis]) >= length / 4, "travels at least a quarter of the frame"
+    boxes = scene.boxes()  # (objects, T, 4)
+    assert (boxes[..., :2] >= shapes.MARGIN).all()
+    assert (boxes[..., 2] <= scene.width - shapes.MARGIN).all() and (boxes[..., 3] <= scene.height - shapes.MARGIN).all()
+    if len(boxes) == 2:
+        a, b = boxes
+        overlap_x = (a[:, 0] < b[:, 2]) & (b[:, 0] < a[:, 2])
+        overlap_y = (a[:, 1] < b[:, 3]) & (b[:, 1] < a[:, 3])
+        assert not (overlap_x & overlap_y).any(), "objects never overlap"
+    held = [world.is_held_out(obj) for obj in scene.objects]
+    if args["split"] == "train":
+        assert not any(held)
+    elif args["split"] == "heldout":
+        assert any(held)
+
+
+@given(seed=seeds, args=scene_args)
+def test_rendered_pixels_match_the_spec(seed, args):
+    scene = sample_scene(np.random.default_rng(seed), **args)
+    frames = render(scene).numpy()
+    assert frames.shape == (scene.frames, scene.height, scene.width, 3) and frames.dtype == np.uint8
+    background = np.array(world.BACKGROUNDS[scene.background], dtype=np.uint8)
+    is_background = (frames == background).all(-1)  # (T, H, W)
+    # Nothing is ever cut off: the outermost rows and columns are background in every frame.
+    assert is_background[:, [0, -1], :].all() and is_background[:, :, [0, -1]].all()
+    first, last = 0, scene.frames - 1
+    for index, obj in enumerate(scene.objects):
+        masks = [object_pixels(frames, scene, index, t) for t in range(scene.frames)]
+        areas = {int(m.sum()) for m in masks}
+        assert len(areas) == 1 and areas.pop() > 0, "the same whole shape in every frame"
+        side = obj["size"]
+        fill = masks[0].sum() / side**2
+        expected = {"square": (1.0, 1.0), "circle": (0.70, 0.86), "triangle": (0.40, 0.60)}[obj["shape"]]
+        assert expected[0] <= fill <= expected[1], f"{obj['shape']} fills {fill:.2f} of its box"
+        ys, xs = np.nonzero(masks[first])
+        ye, xe = np.nonzero(masks[last])
+        shift = np.array([xe.mean() - xs.mean(), ye.mean() - ys.mean()])
+        dx, dy = world.MOTIONS[obj["motion"]]
+        if (dx, dy) == (0, 0):
+            assert np.allclose(shift, 0)
+        else:
+            axis = 0 if dx else 1
+            assert shift[axis] * (dx or dy) >= (scene.width, scene.height)[axis] / 4
+    # Everything that is not background belongs to an object's box.
+    covered = np.zeros_like(is_background)
+    for t in range(scene.frames):
+        for x0, y0, x1, y1 in scene.boxes()[:, t]:
+            covered[t, y0:y1, x0:x1] = True
+    assert (is_background | covered).all()
+
+
+@given(seed=seeds)
+def test_train_split_never_and_heldout_split_always_holds_a_held_out_object(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        assert not any(world.is_held_out(o) for o in sample_scene(rng, split="train").objects)
+        assert any(world.is_held_out(o) for o in sample_scene(rng, split="heldout").objects)
+
+
+def test_split_all_draws_held_out_objects_too():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, split="all") for _ in range(300)]
+    assert any(world.is_held_out(o) for s in scenes for o in s.objects)
+    assert any(not world.is_held_out(o) for s in scenes for o in s.objects)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def test_write_dataset_writes_clips_matching_the_manifest(tmp_path):
+    manifest = write_dataset(tmp_path / "data", seed=3, count=4)
+    assert manifest == tmp_path / "data" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["id"] for r in records] == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "data" / "clips").iterdir()) == [f"{i:06d}.mp4" for i in range(4)]
+    for record, (scene, truth) in zip(records, iter_dataset(3, 4)):
+        assert set(record) == {"id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed"}
+        assert record["split"] == "train" and record["seed"] == 3
+        assert record["objects"] == json.loads(json.dumps(shapes.clip_record(scene, record["id"], split="train", seed=3)["objects"]))
+        frames, fps = read_video(tmp_path / "data" / record["path"])
+        assert frames.shape == (record["frames"], record["height"], record["width"], 3)
+        assert fps == pytest.approx(record["fps"])
+        assert ((record["width"], record["height"]), record["frames"]) in shapes.BUCKETS
+        # The file shows the ground truth (up to H.264 at crf 18).
+        assert (frames.float() - truth.float()).abs().mean() < 4
+
+
+def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, monkeypatch):
+    whole = write_dataset(tmp_path / "whole", seed=7, count=5, split="all")
+
+    real = shapes.write_video
+    def interrupt_on_fourth(path, *args, **kwargs):
+        if path.name == "000003.mp4":
+            # What a hard kill (no cleanup) would leave: every finished clip is already on disk.
+            on_disk = (tmp_path / "cut" / "manifest.jsonl").read_text().splitlines()
+            assert [json.loads(line)["id"] for line in on_disk] == [0, 1, 2]
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shapes, "write_video", interrupt_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
+    monkeypatch.setattr(shapes, "write_video", real)
+    cut = tmp_path / "cut" / "manifest.jsonl"
+    assert len(read_manifest(cut)) == 3
+    with open(cut, "a") as lines:  # a line the interrupted run had only half written
+        lines.write('{"id": 3, "pa')
+    assert len(read_manifest(cut)) == 3
+
+    with pytest.raises(DatasetError, match="not empty; pass resume=True"):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
+    with pytest.raises(DatasetError, match="seed 7 and split 'all', not seed 8"):
+        write_dataset(tmp_path / "cut", seed=8, count=5, split="all", resume=True)
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "cut" / "clips").iterdir()}
+    assert sorted(kept) == ["000000.mp4", "000001.mp4", "000002.mp4"]  # no partial clip left behind
+    write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True)
+    assert cut.read_text() == whole.read_text()
+    assert all((tmp_path / "cut" / "clips" / name).read_bytes() == data for name, data in kept.items())
+    # libx264's threaded encoding is not bit-reproducible, so compare the decoded clips with the truth.
+    for record, (_, truth) in zip(read_manifest(whole), iter_dataset(7, 5, split="all")):
+        for run in ("whole", "cut"):
+            frames, _ = read_video(tmp_path / run / record["path"])
+            assert frames.shape == truth.shape and (frames.float() - truth.float()).abs().mean() < 4
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda d: write_dataset(d, 0, 0), "count must be an integer >= 1, got 0"),
+        (lambda d: write_dataset(d, 0, 2, split="dev"), "unknown split 'dev'; valid splits: train, heldout, all"),
+        (lambda d: write_dataset(d, -1, 2), "seed must be an integer >= 0, got -1"),
+        (lambda d: write_dataset(d, 0, 2, crf=99), r"crf must be an integer in \[0, 51\], got 99"),
+        (lambda d: iter_dataset(0, -5), "count must be an integer >= 1, got -5"),
+        (lambda d: sample_scene(np.random.default_rng(0), size=(10, 10)), r"size \(10, 10\) is not a bucket; valid \(width, height\): 64x64, 80x48, 48x80"),
+        (lambda d: sample_scene(np.random.default_rng(0), frames=10), "frames 10 is not a bucket; valid: 9, 17, 33"),
+        (lambda d: sample_scene(np.random.default_rng(0), objects=3), "objects must be 1 or 2, got 3"),
+    ],
+)
+def test_bad_arguments_fail_clearly_and_write_nothing(tmp_path, call, message):
+    with pytest.raises(DatasetError, match=message):
+        call(tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_non_empty_directory_is_not_overwritten(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="is not empty"):
+        write_dataset(tmp_path, 0, 1)
+    with pytest.raises(DatasetError, match="has no manifest.jsonl"):
+        write_dataset(tmp_path, 0, 1, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --- command -------------------------------------------------------------------------------------
+
+
+def test_shapes_command(tmp_path):
+    out = tmp_path / "data"
+    runner = CliRunner()
+    result = runner.invoke(shapes_command, [str(out), "--count", "2", "--seed", "4", "--split", "heldout"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("wrote 2 clips (2 in all, split heldout, seed 4) to ")
+    assert len(result.output.strip().splitlines()) == 1
+    records = read_manifest(out)
+    assert [r["id"] for r in records] == [0, 1] and all(r["split"] == "heldout" for r in records)
+
+    again = runner.invoke(shapes_command, [str(out), "--count", "3", "--seed", "4", "--split", "heldout"])
+    assert again.exit_code == 1 and "is not empty" in again.output
+    resumed = runner.invoke(shapes_command, [str(out), "--count", "3", "--seed", "4", "--split", "heldout", "--resume"])
+    assert resumed.exit_code == 0 and resumed.output.startswith("wrote 1 clips (3 in all")
+    assert [r["id"] for r in read_manifest(out)] == [0, 1, 2]
+
+    bad = runner.invoke(shapes_command, [str(tmp_path / "other"), "--count", "0"])
+    assert bad.exit_code == 1 and "error: count must be an integer >= 1, got 0" in bad.output
+    bad_split = runner.invoke(shapes_command, [str(tmp_path / "other"), "--split", "dev"])
+    assert bad_split.exit_code == 2 and "'dev' is not one of" in bad_split.output
+
+
+def test_shapes_command_interrupted_says_how_to_continue(tmp_path, monkeypatch):
+    real = shapes.write_video
+
+    def interrupt_on_second(path, *args, **kwargs):
+        if path.name == "000001.mp4":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shapes, "write_video", interrupt_on_second)
+    result = CliRunner().invoke(shapes_command, [str(tmp_path / "data"), "--count", "3"])
+    assert result.exit_code == 130
+    assert "interrupted: 1 clips are complete" in result.output and "--resume" in result.output
+    monkeypatch.setattr(shapes, "write_video", real)
+    resumed = CliRunner().invoke(shapes_command, [str(tmp_path / "data"), "--count", "3", "--resume"])
+    assert resumed.exit_code == 0 and resumed.output.startswith("wrote 2 clips (3 in all")
