@@ -34,6 +34,8 @@ DEFAULT_PLUGINS = (
     "skyloom.plugins.safety_filter.policy",
     "skyloom.plugins.safety_filter.hashlist",
     "skyloom.plugins.watermarker.spreadspectrum",
+    "skyloom.plugins.prompt_enhancer.caption_style",
+    "skyloom.plugins.captioner.shapes",
 )
 
 # The hook that registers each kind, e.g. "sampler" -> "register_samplers".

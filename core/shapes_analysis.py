@@ -19,7 +19,9 @@ How it reads a clip (T, H, W, 3) uint8:
    invariant (var x + var y) / area as the tie-breaker near a boundary; motion = the centroid's
    displacement from the first to the last frame it is seen in, relative to the frame's
    sides: under MOTION_THRESHOLD it "stays still", else the dominant axis names it.
-Objects that touch each other merge into one component; shapes world keeps them apart.
+Objects of different colours that touch or overlap are split by colour (each pixel joins the
+nearest pixel of a clearly present palette colour); frames where an object is split off or
+clipped by the frame's edge do not vote on its shape. Touching objects of one colour merge.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ FOREGROUND_DISTANCE = 48.0  # RGB distance from the background above which a pix
 MIN_AREA = 8  # components smaller than this (pixels) are specks: codec ringing, noise
 MOTION_THRESHOLD = 0.08  # |displacement| / side under which an object "stays still"
 MIN_PERSISTENCE = 0.3  # tracks seen in fewer frames than this fraction are dropped
+SPLIT_SHARE = 0.25  # a second colour holding this share of a component's pixels splits it
 TRACK_GATE = 0.35  # a detection further than this fraction of the diagonal starts a new track
 
 # Fill ratio of the bounding box: square 1, circle π/4, triangle 1/2; boundaries between them.
@@ -137,6 +140,41 @@ def _background_colour(frame: np.ndarray) -> np.ndarray:
     return pixels[keys == mode].mean(axis=0)
 
 
+def _split_by_colour(labels: np.ndarray, pixels: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, set]:
+    """Relabel components in which two objects of different colours touch: each palette colour
+    that holds at least SPLIT_SHARE of the component's strong pixels seeds a part, and every
+    pixel of the component joins the part of its nearest seed. Returns the new labels and the
+    set of labels that came from a split (their masks are occluded, so their shape is not)."""
+    palette = srgb_to_lab(list(COLOURS.values()))
+    out, next_label, split = labels.copy(), labels.max() + 1, set()
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == k
+        strong = inside & (distance[box] > 2 * FOREGROUND_DISTANCE)  # well inside an object
+        if strong.sum() < 2 * MIN_AREA:
+            continue
+        lab = srgb_to_lab(pixels[box][strong])
+        nearest = np.argmin(np.linalg.norm(lab[:, None, :] - palette[None], axis=-1), axis=1)
+        classes = np.full(inside.shape, -1)
+        classes[strong] = nearest
+        # Count each colour's pixels after a one-pixel erosion: a codec-tinted rim around one
+        # object (yellow's rim reads white after 4:2:0) vanishes, a second object does not.
+        counts = np.array([ndimage.binary_erosion(classes == c).sum() for c in range(len(palette))])
+        parts = [c for c in np.argsort(-counts) if counts[c] >= max(MIN_AREA, SPLIT_SHARE * counts.sum())]
+        if len(parts) < 2:
+            continue
+        seeds = np.zeros(inside.shape, np.int64)
+        seeds[strong] = np.where(np.isin(nearest, parts), nearest + 1, 0)
+        _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+        owner = seeds[iy, ix]  # (h, w): palette index + 1 of the nearest seed
+        region = out[box]
+        split.add(k)
+        for part in parts[1:]:
+            region[inside & (owner == part + 1)] = next_label
+            split.add(next_label)
+            next_label += 1
+    return out, split
+
+
 @dataclass
 class _Detection:
     frame: int
@@ -146,7 +184,7 @@ class _Detection:
     fill: float
     moment: float
     area: float
-    touches_border: bool
+    partial: bool  # clipped by the frame's edge, or touching another object: its mask lies about shape
 
 
 def _detect(frame: np.ndarray, background: np.ndarray, index: int) -> list[_Detection]:
@@ -154,7 +192,7 @@ def _detect(frame: np.ndarray, background: np.ndarray, index: int) -> list[_Dete
     pixels = frame.astype(np.float64)
     offset = pixels - background  # (H, W, 3)
     distance = np.linalg.norm(offset, axis=-1)
-    labels, count = ndimage.label(distance > FOREGROUND_DISTANCE)
+    labels, split = _split_by_colour(ndimage.label(distance > FOREGROUND_DISTANCE)[0], pixels, distance)
     detections = []
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[box] == k
@@ -179,9 +217,9 @@ def _detect(frame: np.ndarray, background: np.ndarray, index: int) -> list[_Dete
         ys, xs = np.mgrid[y0:y1, x0:x1] + 0.5
         cx, cy = float((alpha * xs).sum() / area), float((alpha * ys).sum() / area)
         moment = float((alpha * ((xs - cx) ** 2 + (ys - cy) ** 2)).sum() / area**2)
-        touches = box[0].start == 0 or box[1].start == 0 or box[0].stop == height or box[1].stop == width
+        clipped = box[0].start == 0 or box[1].start == 0 or box[0].stop == height or box[1].stop == width
         detections.append(
-            _Detection(index, cx, cy, rgb, area / max(extent_x * extent_y, 1e-9), moment, area, touches)
+            _Detection(index, cx, cy, rgb, area / max(extent_x * extent_y, 1e-9), moment, area, clipped or k in split)
         )
     return detections
 
@@ -253,7 +291,7 @@ def _track(per_frame: list[list[_Detection]], diagonal: float) -> list[list[_Det
 def _describe(track: list[_Detection], frames: int, height: int, width: int) -> ObjectAnalysis:
     rgb = np.median(np.stack([d.rgb for d in track]), axis=0)
     colour, colour_confidence = nearest_name(rgb, COLOURS)
-    whole = [d for d in track if not d.touches_border] or track  # clipped masks lie about shape
+    whole = [d for d in track if not d.partial] or track
     fill = float(np.median([d.fill for d in whole]))
     moment = float(np.median([d.moment for d in whole]))
     shape, shape_confidence = classify_shape(fill, moment)

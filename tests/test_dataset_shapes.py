@@ -301,3 +301,14 @@ def test_shapes_command_interrupted_says_how_to_continue(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes, "write_video", real)
     resumed = CliRunner().invoke(shapes_command, [str(tmp_path / "data"), "--count", "3", "--resume"])
     assert resumed.exit_code == 0 and resumed.output.startswith("wrote 2 clips (3 in all")
+
+
+def test_recaptioning_written_clips_recovers_the_ground_truth(tmp_path):
+    # The analyser behind the `shapes` captioner reads what the generator drew, through H.264.
+    from benchmarks.eval_captioner import evaluate
+
+    scenes_right, scenes, figures = evaluate(tmp_path / "data", count=18, split="all", seed=3)
+    assert scenes == 18 and scenes_right >= 17
+    for name in ("shape", "colour", "motion", "background"):
+        right, total = figures[name]
+        assert right / total >= 0.95, (name, figures)

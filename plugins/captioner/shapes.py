@@ -43,7 +43,11 @@ TWO_OBJECTS = (
     "The video shows {o1} that {m1} and {o2} that {m2} over a {bg} background.",
 )
 MANY_OBJECTS = ("{objects} on a {bg} background.", "On a {bg} background, {objects}.")
-NO_OBJECTS = ("An empty {bg} background.", "A plain {bg} background with nothing on it.", "Nothing moves on a {bg} background.")
+NO_OBJECTS = (
+    "An empty {bg} background.",
+    "A plain {bg} background with nothing on it.",
+    "Nothing moves on a {bg} background.",
+)
 ARTICLES = ("a", "one")
 # Share of captions in the canonical phrasing (the first of every list above), which is the one
 # the `caption-style` enhancer writes: prompts enhanced that way then read as training captions.

@@ -23,7 +23,7 @@ import re
 from skyloom.hookspecs import hookimpl
 from skyloom.kinds import PromptEnhancer
 from skyloom.shapes_analysis import canonical_caption
-from skyloom.shapes_world import BACKGROUNDS, COLOURS, SHAPES
+from skyloom.shapes_world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
 
 SHAPE_WORDS = {
     **{s: s for s in SHAPES},
@@ -100,8 +100,6 @@ class CaptionStyleEnhancer(PromptEnhancer):
     """default_motion fills an unstated motion; default_background an unstated background (None: omit)."""
 
     def __init__(self, default_motion: str = "stays still", default_background: str | None = None):
-        from skyloom.shapes_world import MOTIONS
-
         if default_motion not in MOTIONS:
             raise ValueError(f"default_motion must be one of {', '.join(MOTIONS)}; got {default_motion!r}")
         if default_background is not None and default_background not in BACKGROUNDS:
