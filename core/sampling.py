@@ -14,6 +14,8 @@ or implement skyloom.kinds.Sampler directly.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import math
 from numbers import Integral, Real
 
@@ -211,10 +213,11 @@ class FlowSampler(Sampler):
     def _reset(self) -> None:
         """Clear per-run state (previous outputs); called by set_timesteps()."""
 
+    @abstractmethod
     def _step(
         self, index: int, velocity: torch.Tensor, sample: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Step `index` of the run: the sample at the next grid time, from the velocity here."""
 
     # -- the cursor ----------------------------------------------------------------------
 
