@@ -8,12 +8,14 @@ PROMPT ?= a red circle moves left
 DEMO_OUT ?= demo.mp4
 KERNEL_SOURCES := $(shell find csrc bindings -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench showcase clean
 
+# Builds run without isolation (an isolated one would fetch a CUDA torch), so their tools come
+# first: numpy for torch's extension build, Cython for pdqhash (an sdist, no wheels).
 $(VENV)/.installed: $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q setuptools wheel pybind11 ninja cmake
+	$(PY) -m pip install -q setuptools wheel pybind11 ninja cmake numpy cython
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
@@ -27,6 +29,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
+
+# The README's picture: frame strips of several prompts from the embedded model.
+showcase: install
+	$(PY) benchmarks/showcase.py --out docs/showcase.png
 
 clean:
 	rm -rf build *.egg-info core/_C*.so $(VENV)

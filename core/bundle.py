@@ -273,10 +273,13 @@ def load_bundle(
 # --- writing -------------------------------------------------------------------------------
 
 
-def save_bundle(path: str | os.PathLike, index: dict, components: dict[str, nn.Module]) -> Path:
+def save_bundle(
+    path: str | os.PathLike, index: dict, components: dict[str, nn.Module], *, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write a bundle: each module in `components` (keyed "video_autoencoder", "transformer") as
     <name>.safetensors, and model_index.json naming them. Files are written to a temporary
     directory and renamed into place, the index last, so a reader never sees a half-written file.
+    extra_files: more files for the bundle (relative path -> bytes), e.g. the training log.
     Returns the bundle directory."""
     from safetensors.torch import save_file
 
@@ -284,6 +287,10 @@ def save_bundle(path: str | os.PathLike, index: dict, components: dict[str, nn.M
     index = json.loads(json.dumps(index))  # a deep copy that is certainly JSON
     index.setdefault("format", FORMAT)
     index.setdefault("format_version", FORMAT_VERSION)
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or name in (INDEX_NAME, *(f"{c}.safetensors" for c in components)):
+            raise BundleError(f"save_bundle: extra file {name!r} must be a relative path inside the bundle, not one of its own files")
     unknown = sorted(set(components) - set(WEIGHTED_COMPONENTS))
     if unknown:
         raise BundleError(f"save_bundle: unknown component(s) {unknown}; components with weights are {list(WEIGHTED_COMPONENTS)}")
@@ -300,6 +307,9 @@ def save_bundle(path: str | os.PathLike, index: dict, components: dict[str, nn.M
             # Clone: safetensors refuses tensors that share storage, and wants them contiguous.
             state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
             save_file(state, str(staging / f"{name}.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and the hash covers the bytes
+        for name, data in extra_files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if not root.exists():
             umask = os.umask(0)
@@ -307,8 +317,9 @@ def save_bundle(path: str | os.PathLike, index: dict, components: dict[str, nn.M
             staging.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a bundle is shared like any directory
             os.replace(staging, root)  # one rename: the bundle appears whole
             return root
-        for name in components:  # an existing bundle: weights first, then the index that names them
-            os.replace(staging / f"{name}.safetensors", root / f"{name}.safetensors")
+        for name in [*extra_files, *(f"{c}.safetensors" for c in components)]:  # an existing bundle: the index last
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, root / name)
         os.replace(staging / INDEX_NAME, root / INDEX_NAME)
         return root
     finally:

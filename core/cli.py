@@ -270,9 +270,149 @@ def verify(file, as_json):
         sys.exit(2)
 
 
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), required=True, help="Directory for the run: data, captions, checkpoints, log.")
+@click.option("--out", "output", type=click.Path(path_type=Path), help="Model bundle to write (default: the config's \"output\").")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Minutes to train in this run; then checkpoint and stop (continue with --resume).")
+def train(config, run_dir, output, resume, time_limit):
+    """Train the video autoencoder, then the transformer, as CONFIG (JSON) says, and write a model bundle.
+
+    Ctrl-C (or --time-limit) finishes the current step, writes a checkpoint and stops; run the
+    same command with --resume to continue exactly where it stopped. docs/training.md has the
+    config's keys.
+    """
+    from skyloom.datasets.shapes import DatasetError
+    from skyloom.training import StopRequested, TrainingError, load_config
+    from skyloom.training import train as run_training
+    from skyloom.video_io import VideoIOError
+
+    try:
+        settings = load_config(config)
+        bundle = run_training(
+            settings, run_dir, registry=_registry(), output=output, base_dir=config.resolve().parent, resume=resume,
+            time_limit_s=None if time_limit is None else time_limit * 60, progress=sys.stderr.isatty(),
+        )
+    except StopRequested as stop:
+        click.echo(f"{stop}; the checkpoint is in {run_dir}; continue with: skyloom train {config} --run-dir {run_dir} --resume", err=True)
+        sys.exit(130 if stop.reason == "interrupted" else 75)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: checkpoints already written in {run_dir} are kept; continue with --resume", err=True)
+        sys.exit(130)
+    except (TrainingError, DatasetError, VideoIOError, ValueError, OSError) as error:
+        raise SkyloomCLIError(str(error)) from None
+    click.echo(f"wrote model bundle {bundle} (log: {run_dir / 'log.jsonl'})")
+
+
 @main.group()
 def dataset():
     """Make training data."""
 
 
 dataset.add_command(shapes_command)
+
+
+# --- skyloom eval --------------------------------------------------------------------------
+
+
+def _eval_settings(sizes: tuple[str, ...], frame_counts: tuple[str, ...]) -> list[tuple[int, int, int]]:
+    """--size and --frames (each repeatable or a comma list) -> [(width, height, frames)], in order, no repeats."""
+    from skyloom.evaluation import DEFAULT_SETTING
+    from skyloom.request import RequestError, parse_size
+
+    try:
+        parsed_sizes = [parse_size(part.strip()) for text in sizes for part in text.split(",") if part.strip()]
+    except RequestError as error:
+        raise SkyloomCLIError(f"--size: {error}") from None
+    durations = []
+    for part in (p.strip() for text in frame_counts for p in text.split(",") if p.strip()):
+        if not part.isdigit() or int(part) < 1:
+            raise SkyloomCLIError(f"--frames: {part!r} is not a whole number of frames >= 1, e.g. 17 or 17,33")
+        durations.append(int(part))
+    settings = [(w, h, f) for w, h in parsed_sizes or [DEFAULT_SETTING[:2]] for f in durations or [DEFAULT_SETTING[2]]]
+    return list(dict.fromkeys(settings))
+
+
+@main.command("eval")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), metavar="DIR", help="Model directory (default: the embedded model).")
+@click.option("--count", type=click.IntRange(min=1), default=120, show_default=True,  # skyloom.evaluation.DEFAULT_COUNT (imported lazily)
+              help="Prompts in the held-out set; the targets (docs/evaluation.md) need at least 100.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seeds the prompt set and every clip's generation.")
+@click.option("--size", "sizes", multiple=True, metavar="WxH", help="WIDTHxHEIGHT to evaluate at; repeat or comma-separate for several (default: 64x64).")
+@click.option("--frames", "frame_counts", multiple=True, metavar="N", help="Frames per clip; repeat or comma-separate for several (default: 17).")
+@click.option("--steps", type=int, help="Sampling steps (model default if omitted).")
+@click.option("--sampler", help="Sampler name (model default if omitted; see `skyloom plugins`).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (model default if omitted).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True, metavar="FILE",
+              help="Write the report here (atomically); after Ctrl-C it holds what was evaluated, marked \"complete\": false.")
+@click.option("--videos", "videos_dir", type=click.Path(path_type=Path), metavar="DIR", help="Also save every generated clip as DIR/WxH_Tf/NNNN.mp4.")
+@click.option("--reference", is_flag=True, help="Score renders of the prompts' ground truth instead of a model (the analyser's ceiling); the model options are not used.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; the table is still printed.")
+def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler, guidance, json_out, videos_dir, reference, quiet):
+    """Measure prompt adherence: generate from a held-out prompt set and read each clip back with the shapes-world analyser.
+
+    Prints one row per --size x --frames setting: colour, shape, motion, persistence, binding and
+    background accuracy (percent) and mean flicker (0..255 levels); writes the full report, with
+    every prompt's record, to --json-out. The prompts use phrasings the training captions never
+    use, a quarter of them hold the held-out combinations, and half name two objects.
+    docs/evaluation.md defines each figure.
+    """
+    from skyloom.atomic_write import write_atomic
+    from skyloom.bundle import BundleError
+    from skyloom.evaluation import MIN_COUNT, ReferenceGenerator, build_prompts, format_table, iter_scores, pipeline_generator, summarise
+    from skyloom.pipeline import DEFAULT, Pipeline
+    from skyloom.registry import UnknownPluginError
+    from skyloom.request import RequestError
+
+    settings = _eval_settings(sizes, frame_counts)
+    parent = json_out.resolve().parent
+    if json_out.is_dir():
+        raise SkyloomCLIError(f"--json-out {json_out} is a directory; give a file name, e.g. eval.json")
+    if not parent.is_dir():
+        raise SkyloomCLIError(f"--json-out {json_out}: directory {parent} does not exist")
+    if videos_dir is not None and videos_dir.exists() and not videos_dir.is_dir():
+        raise SkyloomCLIError(f"--videos {videos_dir} exists and is not a directory")
+    prompts = build_prompts(count, seed=seed)
+    try:
+        if reference:
+            generate = ReferenceGenerator(prompts)
+        else:
+            pipeline = Pipeline.from_pretrained(model_dir, registry=_registry(), prompt_enhancer=DEFAULT)
+            generate = pipeline_generator(pipeline, steps=steps, guidance=guidance, sampler=sampler)
+            for setting in settings:  # every setting must be generable before any work
+                generate.check(*setting)
+    except (RequestError, BundleError, UnknownPluginError, ValueError, OSError) as error:
+        raise SkyloomCLIError(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was evaluated", err=True)
+        sys.exit(130)
+    described = generate.describe()
+    if not quiet:
+        if not reference and not described["model"]["trained"]:
+            click.echo(f"note: model {described['model']['name']!r} is untrained (random weights): expect chance-level scores", err=True)
+        if count < MIN_COUNT:
+            click.echo(f"note: {count} prompts; the targets (docs/evaluation.md) need at least {MIN_COUNT}", err=True)
+
+    records: list[dict] = []
+    interrupted = False
+    try:
+        for record in iter_scores(generate, prompts, settings, seed=seed, videos=videos_dir, progress=not quiet and sys.stderr.isatty()):
+            records.append(record)
+    except KeyboardInterrupt:
+        interrupted = True
+    except (RequestError, UnknownPluginError, ValueError, OSError) as error:
+        raise SkyloomCLIError(str(error)) from None
+    except Exception as error:  # e.g. out of memory: one line, not a traceback
+        raise SkyloomCLIError(f"{type(error).__name__}: {error}") from None
+    report = summarise(records, prompts, settings, complete=not interrupted, generator=described, seed=seed)
+    try:
+        write_atomic(json_out, json.dumps(report, indent=2) + "\n")
+    except OSError as error:
+        raise SkyloomCLIError(f"cannot write --json-out {json_out}: {error}") from None
+    click.echo(format_table(report))
+    if interrupted:
+        click.echo(f"interrupted: {len(records)} of {len(prompts) * len(settings)} clips evaluated; partial report in {json_out}", err=True)
+        sys.exit(130)
+    if not quiet:
+        click.echo(f"wrote {json_out} ({len(records)} clips)", err=True)

@@ -234,3 +234,8 @@ class Captioner(ABC):
     @abstractmethod
     def caption(self, frames: torch.Tensor, fps: float) -> str:
         """frames: (T, H, W, 3) uint8."""
+
+    def captions(self, frames: torch.Tensor, fps: float, count: int) -> list[str]:
+        """`count` captions of one video, for training on several phrasings (a deterministic
+        captioner repeats itself; the `shapes` captioner varies the words, not the facts)."""
+        return [self.caption(frames, fps) for _ in range(count)]

@@ -154,8 +154,11 @@ def write_video(
             if codec in ("libx264", "libx265"):
                 stream.options = {"crf": str(crf), "preset": preset}
             for image in array:
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                container.mux(stream.encode(frame))
+                # Convert to yuv420p first and encode a packed copy: the converter leaves the
+                # padding at the end of each chroma row uninitialised, and x264 reads it, so the
+                # same frames would not always give the same bytes.
+                yuv = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p").to_ndarray()
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(yuv, format="yuv420p")))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
     try:

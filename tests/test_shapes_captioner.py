@@ -198,6 +198,9 @@ def test_analyser_ignores_specks_and_measures_flicker():
     analysis = analyse(noisy, 8)
     assert found(analysis) == [("red", "square", "moves right")]
     assert 2.0 < analysis.flicker < 8.0  # mean |difference| of two uniform +-6 noises is ~4.3
+    # Noise everywhere (an untrained model's frames) leaves no background: the whole frame counts.
+    static = rng.integers(0, 256, size=(9, 64, 64, 3), dtype=np.uint8)
+    assert 70.0 < analyse(static, 8).flicker < 100.0  # mean |difference| of two uniform 0..255 is ~85
 
 
 def test_analyser_persistence_counts_the_frames_an_object_is_in():
@@ -321,6 +324,8 @@ def test_empty_clip_caption_names_the_background():
             "A purple circle moves right while a red square stays still.",
         ),
         ("red thing moving up", "A red shape moves up."),
+        # "at rest" is read as a motion, so the left-moving square does not lend it its motion.
+        ("a red circle at rest and a left-moving blue square", "A red circle stays still while a blue square moves left."),
         (
             "Two shapes on a navy background: one green triangle sinks downward, and one white square sits motionless.",
             "A green triangle moves down while a white square stays still on a navy background.",

@@ -181,3 +181,26 @@ def test_decode_rejects_bad_latents(vae):
 def test_inconsistent_config_is_refused(config, match):
     with pytest.raises(ValueError, match=match):
         CausalVideoAutoencoder(**{**TINY, **config})
+
+
+def test_the_autoencoder_learns_a_frames_objects_quickly():
+    """A guard on the architecture: with per-pixel norms it learnt backgrounds first and objects
+    hardly at all (11.8 dB on this frame after 100 steps, and stuck near 8 dB on whole clips);
+    with FrameGroupNorm it reaches 24 dB."""
+    from skyloom.datasets.shapes import make_clip
+
+    torch.manual_seed(0)
+    _, frames = make_clip(0, 0)  # 64x64 with one or two small shapes
+    image = frames[:1].permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, 1, 64, 64)
+    objects = ((image - image[..., :1, :1]).abs().amax(1, keepdim=True) > 0.1).expand_as(image)
+    vae = CausalVideoAutoencoder(latent_channels=16, widths=[16, 32, 64])
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in range(100):
+        mean, _ = vae.encode_distribution(image)
+        error = vae.decode(mean, clamp=False) - image
+        loss = (error.abs() + error.square()).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    object_psnr = 10 * torch.log10(4 / error.detach().square()[objects].mean())
+    assert object_psnr > 18.0

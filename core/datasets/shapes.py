@@ -171,8 +171,6 @@ def sample_scene(
         raise DatasetError(f"objects must be 1 or {MAX_OBJECTS}, got {objects!r}")
     width, height = (int(v) for v in size)
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    shorter = min(width, height)
-    smallest, largest = math.ceil(SIZE_FRACTION[0] * shorter), math.floor(SIZE_FRACTION[1] * shorter)
 
     while True:  # choose objects, then look for a layout where they stay apart
         held_out_index = int(rng.integers(objects)) if split == "heldout" else -1
@@ -184,20 +182,42 @@ def sample_scene(
             base = np.array(COLOURS[obj["colour"]])
             obj["rgb"] = tuple(int(c) for c in np.clip(base + rng.integers(-JITTER, JITTER + 1, 3), 0, 255))
             chosen.append(obj)
-        for _ in range(_LAYOUT_TRIES):
-            placed = []
-            for obj in chosen:
-                side = int(rng.integers(smallest, largest + 1))
-                start, end = _place(rng, width, height, side, obj["motion"])
-                placed.append({
-                    "shape": obj["shape"], "colour": obj["colour"], "motion": obj["motion"], "size": side,
-                    "start": (start[0] + side / 2, start[1] + side / 2),
-                    "end": (end[0] + side / 2, end[1] + side / 2),
-                    "rgb": obj["rgb"],
-                })
-            scene = SceneSpec(width, height, int(frames), float(FPS), background, placed)
-            if _apart(scene.boxes()):
-                return scene
+        scene = lay_out(rng, chosen, width=width, height=height, frames=int(frames), background=background)
+        if scene is not None:
+            return scene
+
+
+def lay_out(
+    rng: np.random.Generator,
+    objects: list[dict],
+    *,
+    width: int,
+    height: int,
+    frames: int,
+    background: str,
+    tries: int = _LAYOUT_TRIES,
+) -> SceneSpec | None:
+    """Place `objects` ({shape, colour, motion, rgb}) in a width×height clip by the dataset's rules:
+    a box side in SIZE_FRACTION of the shorter side, a moving object travels at least a quarter
+    of the frame, MARGIN from the edges, boxes GAP apart in every frame. Returns the scene, or
+    None when `tries` random layouts all collide (draw other objects, or try again)."""
+    shorter = min(width, height)
+    smallest, largest = math.ceil(SIZE_FRACTION[0] * shorter), math.floor(SIZE_FRACTION[1] * shorter)
+    for _ in range(tries):
+        placed = []
+        for obj in objects:
+            side = int(rng.integers(smallest, largest + 1))
+            start, end = _place(rng, width, height, side, obj["motion"])
+            placed.append({
+                "shape": obj["shape"], "colour": obj["colour"], "motion": obj["motion"], "size": side,
+                "start": (start[0] + side / 2, start[1] + side / 2),
+                "end": (end[0] + side / 2, end[1] + side / 2),
+                "rgb": tuple(obj["rgb"]),
+            })
+        scene = SceneSpec(width, height, frames, float(FPS), background, placed)
+        if _apart(scene.boxes()):
+            return scene
+    return None
 
 
 # --- drawing -------------------------------------------------------------------------------

@@ -70,6 +70,12 @@ class ShapesCaptioner(Captioner):
         array = as_frames(frames)
         return self.describe(analyse(array, fps), seed=self._seed_for(array))
 
+    def captions(self, frames, fps: float, count: int) -> list[str]:
+        """`count` phrasings of one reading of the video (it is analysed once)."""
+        array = as_frames(frames)
+        analysis, seed = analyse(array, fps), self._seed_for(array)
+        return [self.describe(analysis, seed=seed + k) for k in range(count)]
+
     def _seed_for(self, array) -> int:
         if self.seed is not None:
             return self.seed

@@ -50,7 +50,7 @@ MOTION_WORDS = {
 # Phrases rewritten before tokenising, so their words are not read one by one.
 PHRASES = (
     (r"\b(?:does not|doesn't|do not|don't|not|never|without) mov(?:e|es|ing)\b", " still "),
-    (r"\b(?:in place|in one place|stays put|standing)\b", " still "),
+    (r"\b(?:in place|in one place|stays put|standing|at rest)\b", " still "),
     (r"\bdark blue (?:background|backdrop)\b", " background_navy "),
     (r"\b(\w+) (?:background|backdrop)\b", r" background_\1 "),
 )

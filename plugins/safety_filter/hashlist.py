@@ -41,7 +41,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,6 +49,7 @@ import numpy as np
 import pdqhash
 import torch
 
+from skyloom.atomic_write import write_atomic
 from skyloom.hookspecs import hookimpl
 from skyloom.kinds import SafetyDecision, SafetyFilter
 from skyloom.frame_classifier import DEFAULT_EVERY, check_every, sample_frames
@@ -372,17 +372,9 @@ def build_blocklist(
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    directory = path.parent
-    if not directory.is_dir():
-        raise BlocklistError(f"cannot write {str(path)!r}: the directory {str(directory)!r} does not exist")
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    if not path.parent.is_dir():
+        raise BlocklistError(f"cannot write {str(path)!r}: the directory {str(path.parent)!r} does not exist")
+    write_atomic(path, text)
 
 
 # --- command line -----------------------------------------------------------------------

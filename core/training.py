@@ -1,0 +1,901 @@
+"""`skyloom train CONFIG`: the video autoencoder, then the diffusion transformer, from one config.
+
+The recipe follows Sora's: videos are re-captioned from their pixels by a captioner plugin (in
+several phrasings each), the autoencoder learns the latent space, and the transformer learns
+rectified-flow velocities on the latents of the whole dataset under the captions.
+
+One run, in a run directory:
+
+1. data: the dataset (a directory as `skyloom dataset shapes` writes it: clips/*.mp4 and
+   manifest.jsonl) is read into memory; with `data.shapes` in the config it is generated
+   first, into RUN_DIR/data. Captions are computed once and kept in RUN_DIR/captions.jsonl.
+2. autoencoder stage: reconstruction (L1 + MSE) plus a small KL term, on bucketed batches.
+   At its end the EMA weights and the latents' mean and standard deviation (the normalisation
+   the transformer sees) are written to RUN_DIR/autoencoder.
+3. transformer stage: rectified flow, x_t = (1-t)·x0 + t·noise, velocity target noise - x0,
+   t logit-normal and shifted by the token count as the sampler is, on the latents' posterior
+   means; captions dropped to the
+   empty prompt for classifier-free guidance; random frame-conditioning masks (first frame,
+   last frame, both ends, a prefix, a suffix or none), so image-to-video, extension and
+   connecting use the same weights. The loss covers only the frames not given.
+4. the EMA weights of both go into a model bundle (`output`), with the config and the log.
+
+Both stages share one loop: AdamW with warmup and cosine decay, gradient clipping, EMA,
+bucketed batches (one (size, frames) bucket per batch; longer clips get smaller batches so
+every batch holds about the same number of voxels), a tqdm bar, a JSONL log, and checkpoints
+in safetensors (weights, EMA, optimizer moments, RNG states; step counters in JSON), written
+to a temporary directory and renamed. Every random draw comes from one generator whose state
+is checkpointed, and batch k is a function of (seed, k), so a resumed run continues exactly
+where the interrupted one stopped. Ctrl-C finishes the current step, writes a checkpoint and
+exits.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from skyloom.atomic_write import write_atomic
+from skyloom.bundle import FORMAT, FORMAT_VERSION, save_bundle
+from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
+from skyloom.sampling import resolution_shift, shift_time
+from skyloom.transformer import DiTConfig, SpacetimeDiT
+
+STAGES = ("autoencoder", "transformer")
+CONDITIONING_KINDS = ("none", "first", "last", "ends", "prefix", "suffix")
+REFERENCE_FRAMES = 17  # batch_size counts clips of this many frames; other durations are scaled
+CHECKPOINTS = "checkpoints"
+AUTOENCODER_DIR = "autoencoder"
+CAPTIONS = "captions.jsonl"
+LOG = "log.jsonl"
+CONFIG = "config.json"
+
+STAGE_DEFAULTS = {
+    "steps": 1000,  # optimizer steps
+    "batch_size": 8,  # clips of REFERENCE_FRAMES frames per batch (scaled for other durations)
+    "lr": 3e-4,  # peak learning rate
+    "min_lr_ratio": 0.1,  # the cosine decay ends at lr·min_lr_ratio
+    "warmup": 100,  # linear warm-up steps
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.99],
+    "grad_clip": 1.0,  # max gradient norm (0: no clipping)
+    "ema_decay": 0.999,  # EMA of the weights, with the usual (1+n)/(10+n) warm-up
+    "checkpoint_every": 500,  # steps between checkpoints (one is always written at the end)
+    "log_every": 20,  # steps between log lines
+}
+AUTOENCODER_DEFAULTS = {**STAGE_DEFAULTS, "lr": 1e-3, "kl_weight": 1e-4}
+TRANSFORMER_DEFAULTS = {
+    **STAGE_DEFAULTS,
+    "batch_size": 32,
+    "text_dropout": 0.1,  # share of captions replaced by the empty prompt (classifier-free guidance)
+    "logit_normal": [0.0, 1.0],  # (mean, std) of logit(t) before the shift (SD3)
+    # Share of samples trained with each kind of known frames; "none" is plain text-to-video.
+    "conditioning": {"none": 0.5, "first": 0.15, "last": 0.05, "ends": 0.1, "prefix": 0.1, "suffix": 0.1},
+}
+DEFAULTS = {
+    "name": "skyloom-model",
+    "seed": 0,
+    "device": "auto",  # auto: cuda when available
+    "mixed_precision": "auto",  # bf16 | fp16 | no; auto: bf16 on CUDA, none on the CPU
+    "gradient_checkpointing": "auto",  # true | false; auto: on CUDA only
+    "weights_dtype": "float16",  # dtype the bundle's weights are stored in
+    "output": None,  # the bundle directory (relative to the config file); --out overrides
+    "data": {"path": None, "shapes": None, "captioner": "shapes", "captions_per_clip": 4},
+    "text_encoder": {"plugin": "minilm", "config": {}},
+    "video_autoencoder": {"plugin": "causal3d", "config": {}},
+    "transformer": {},
+    "autoencoder_training": AUTOENCODER_DEFAULTS,
+    "transformer_training": TRANSFORMER_DEFAULTS,
+    "defaults": {"sampler": "euler", "steps": 30, "guidance": 5.0, "shift": 1.0, "frames": 17, "width": 64, "height": 64, "fps": 8},
+}
+
+
+class TrainingError(ValueError):
+    """A config, dataset, run directory or checkpoint is unusable; the message says how to fix it."""
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def _merge(defaults: dict, given: dict, where: str) -> dict:
+    """`given` over `defaults`, one level of nested sections deep; unknown keys are errors."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TrainingError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(defaults)}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if isinstance(defaults[key], dict) and key not in ("config", "conditioning", "transformer", "defaults"):
+            if not isinstance(value, dict):
+                raise TrainingError(f"{where}: {key!r} must be an object, got {type(value).__name__}")
+            out[key] = _merge(defaults[key], value, f"{where}.{key}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a training config (JSON) and fill in the defaults. Its relative paths (data.path,
+    output) are relative to the config file's directory: pass that to train() as base_dir.
+    Raises TrainingError naming the bad key."""
+    path = Path(path)
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"training config {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TrainingError(f"training config {path} is not valid JSON ({error})") from None
+    if not isinstance(given, dict):
+        raise TrainingError(f"training config {path}: the top level must be a JSON object")
+    config = _merge(DEFAULTS, given, str(path))
+    check_config(config, str(path))
+    return config
+
+
+def check_config(config: dict, where: str = "config") -> None:
+    data = config["data"]
+    if (data["path"] is None) == (data["shapes"] is None):
+        raise TrainingError(f"{where}: give exactly one of data.path (a dataset directory) and data.shapes ({{\"seed\", \"count\"}})")
+    if data["shapes"] is not None:
+        shapes = data["shapes"]
+        if not isinstance(shapes, dict) or set(shapes) - {"seed", "count", "crf"} or "count" not in shapes:
+            raise TrainingError(f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional)}}, got {shapes!r}")
+    _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
+    _check_int(config["seed"], f"{where}: seed", 0)
+    if config["mixed_precision"] not in ("auto", "bf16", "fp16", "no"):
+        raise TrainingError(f"{where}: mixed_precision must be auto, bf16, fp16 or no, got {config['mixed_precision']!r}")
+    if config["gradient_checkpointing"] not in ("auto", True, False):
+        raise TrainingError(f"{where}: gradient_checkpointing must be true, false or \"auto\", got {config['gradient_checkpointing']!r}")
+    if config["weights_dtype"] not in ("float32", "float16", "bfloat16"):
+        raise TrainingError(f"{where}: weights_dtype must be float32, float16 or bfloat16, got {config['weights_dtype']!r}")
+    for stage in ("autoencoder_training", "transformer_training"):
+        settings = config[stage]
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            _check_int(settings[key], f"{where}: {stage}.{key}", 1)
+        _check_int(settings["warmup"], f"{where}: {stage}.warmup", 0)
+        if not (isinstance(settings["lr"], (int, float)) and settings["lr"] > 0):
+            raise TrainingError(f"{where}: {stage}.lr must be a number > 0, got {settings['lr']!r}")
+        if not 0 <= settings["ema_decay"] < 1:
+            raise TrainingError(f"{where}: {stage}.ema_decay must be in [0, 1), got {settings['ema_decay']!r}")
+    shares = config["transformer_training"]["conditioning"]
+    bad = sorted(set(shares) - set(CONDITIONING_KINDS))
+    if bad or not shares or any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+        raise TrainingError(
+            f"{where}: transformer_training.conditioning must map some of {list(CONDITIONING_KINDS)} to shares >= 0 "
+            f"with a positive sum, got {shares!r}"
+        )
+    if not 0 <= config["transformer_training"]["text_dropout"] < 1:
+        raise TrainingError(f"{where}: transformer_training.text_dropout must be in [0, 1)")
+    try:
+        DiTConfig.from_dict(config["transformer"])
+    except (TypeError, ValueError) as error:
+        raise TrainingError(f"{where}: transformer: {error}") from None
+
+
+def _check_int(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _canonical(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, indent=2)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    frames: torch.Tensor  # (T, H, W, 3) uint8
+    captions: list[str]
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        T, H, W, _ = self.frames.shape
+        return (W, H, T)
+
+
+def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool, base_dir: Path) -> list[Clip]:
+    """Write the dataset if the config generates one, read every clip, and re-caption them
+    (cached in RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
+    from skyloom.datasets.shapes import read_manifest, write_dataset
+    from skyloom.video_io import VideoIOError, read_video
+
+    data = config["data"]
+    if data["shapes"] is not None:
+        root = run_dir / "data"
+        shapes = data["shapes"]
+        write_dataset(root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress)
+    else:
+        root = base_dir / data["path"]
+    if not (root / "manifest.jsonl").is_file():
+        raise TrainingError(f"dataset {root} has no manifest.jsonl; write one with `skyloom dataset shapes {root}`")
+    records = read_manifest(root)
+    if not records:
+        raise TrainingError(f"dataset {root} lists no clips in manifest.jsonl")
+
+    from tqdm import tqdm
+
+    videos = []
+    for record in tqdm(records, desc="reading clips", unit="clip", disable=not progress, file=sys.stderr):
+        try:
+            frames, _ = read_video(root / record["path"])
+        except VideoIOError as error:
+            raise TrainingError(f"dataset {root}: {error}") from None
+        videos.append((frames, float(record.get("fps", 8))))
+
+    captions_path = run_dir / CAPTIONS
+    per_clip = data["captions_per_clip"]
+    cached = _read_captions(captions_path, len(records), per_clip)
+    if cached is None:
+        captioner = _create(registry, "captioner", data["captioner"], {})
+        cached = [
+            captioner.captions(frames, fps, per_clip)
+            for frames, fps in tqdm(videos, desc="re-captioning", unit="clip", disable=not progress, file=sys.stderr)
+        ]
+        write_atomic(captions_path, "".join(json.dumps(c) + "\n" for c in cached))
+    return [Clip(frames, captions) for (frames, _), captions in zip(videos, cached)]
+
+
+def _read_captions(path: Path, count: int, per_clip: int) -> list[list[str]] | None:
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    captions = [json.loads(line) for line in lines]
+    if len(captions) != count or any(len(c) != per_clip for c in captions):
+        raise TrainingError(
+            f"{path} holds captions for {len(captions)} clips, the dataset has {count} (x{per_clip}); "
+            "delete it to re-caption"
+        )
+    return captions
+
+
+class BucketBatches:
+    """Batch k of a run, as a function of (seed, k) alone: every epoch shuffles each bucket's
+    clips and the order of the batches; a bucket of T frames gets batch_size·17/T clips (at
+    least 1), so batches hold about the same number of voxels. Remainders are dropped."""
+
+    def __init__(self, buckets: list[tuple], batch_size: int, seed: int):
+        self.seed, self.batch_size = seed, batch_size
+        self.members: dict[tuple, list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.members.setdefault(bucket, []).append(index)
+        self.sizes = {b: self.size_of(b) for b in self.members}
+        self.per_epoch = sum(len(m) // self.sizes[b] for b, m in self.members.items())
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"no bucket has a full batch (batch_size {batch_size}, buckets {self._describe()}); "
+                "lower batch_size or add clips"
+            )
+        self._epoch, self._batches = -1, []
+
+    def size_of(self, bucket: tuple) -> int:
+        return max(1, round(self.batch_size * REFERENCE_FRAMES / bucket[2]))
+
+    def _describe(self) -> str:
+        return ", ".join(f"{w}x{h}x{t}: {len(m)}" for (w, h, t), m in sorted(self.members.items()))
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for bucket in sorted(self.members):
+                members, size = self.members[bucket], self.sizes[bucket]
+                order = torch.randperm(len(members), generator=generator).tolist()
+                batches += [[members[i] for i in order[j : j + size]] for j in range(0, len(order) - size + 1, size)]
+            permutation = torch.randperm(len(batches), generator=generator).tolist()
+            self._epoch, self._batches = epoch, [batches[i] for i in permutation]
+        return self._batches[position]
+
+
+def _pixels(clips: list[Clip], indices: list[int], device: torch.device) -> torch.Tensor:
+    """(B, 3, T, H, W) float in [-1, 1]."""
+    video = torch.stack([clips[i].frames for i in indices]).to(device)  # (B, T, H, W, 3) uint8
+    return video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
+
+
+# --- the shared loop ------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state, with (1+n)/(10+n) warm-up."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for shadow, live in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if shadow.is_floating_point():
+                shadow.lerp_(live.detach(), 1 - decay)
+            else:
+                shadow.copy_(live)
+
+
+def learning_rate(settings: dict, step: int) -> float:
+    """Linear warm-up to lr, then cosine decay to lr·min_lr_ratio at the last step."""
+    lr, warmup, steps = settings["lr"], settings["warmup"], settings["steps"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    floor = settings["min_lr_ratio"]
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class StopRequested(Exception):
+    """Raised after a checkpoint when the run stops early (Ctrl-C or the time limit)."""
+
+    def __init__(self, stage: str, step: int, reason: str):
+        super().__init__(f"{reason}: stopped after {stage} step {step}")
+        self.stage, self.step, self.reason = stage, step, reason
+
+
+@contextmanager
+def _graceful_interrupt() -> Iterator[dict]:
+    """The first Ctrl-C only sets flag["stop"] (the loop checkpoints and stops after the current
+    step); a second one interrupts at once."""
+    flag = {"stop": False}
+    if not hasattr(signal, "SIGINT") or signal.getsignal(signal.SIGINT) is None:
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class Stage:
+    name: str  # "autoencoder" or "transformer"
+    module: nn.Module
+    settings: dict
+    batches: BucketBatches
+    loss: Callable[[list[int], torch.Generator], torch.Tensor]  # batch indices, rng -> scalar loss
+    samples: Callable[[list[int]], int]  # clips in a batch (for the throughput in the log)
+
+
+def run_stage(stage: Stage, run: "Run") -> nn.Module:
+    """Train to settings.steps, resuming from the stage's latest checkpoint. Returns the EMA module."""
+    settings, module = stage.settings, stage.module
+    decay_groups = _parameter_groups(module, settings["weight_decay"])
+    optimizer = torch.optim.AdamW(decay_groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=1e-8)
+    ema = EMA(module, settings["ema_decay"])
+    step = run.restore(stage.name, module, ema.module, optimizer)
+    run.truncate_log(stage.name, step)
+
+    from tqdm import tqdm
+
+    total = settings["steps"]
+    started, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
+    module.train()
+    with _graceful_interrupt() as interrupt, tqdm(
+        total=total, initial=step, desc=stage.name, unit="step", disable=not run.progress, file=sys.stderr
+    ) as bar:
+        while step < total:
+            indices = stage.batches(step)
+            lr = learning_rate(settings, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with run.autocast():
+                loss = stage.loss(indices, run.generator)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{stage.name} step {step}: the loss is {loss.item()}; lower {stage.name}_training.lr "
+                    "or resume from an earlier checkpoint"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                nn.utils.clip_grad_norm_(module.parameters(), settings["grad_clip"]).item()
+                if settings["grad_clip"] else float("nan")
+            )
+            optimizer.step()
+            ema.update(module, step)
+            step += 1
+            window_samples += stage.samples(indices)
+            bar.update(1)
+            if step % settings["log_every"] == 0 or step == total:
+                now = time.perf_counter()
+                run.log({
+                    "stage": stage.name, "step": step, "loss": round(loss.item(), 6), "lr": lr,
+                    "grad_norm": round(grad_norm, 4), "samples_per_s": round(window_samples / max(now - window_start, 1e-9), 3),
+                    "elapsed_s": round(now - started, 2),
+                })
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                window_start, window_samples = now, 0
+            out_of_time = run.deadline is not None and time.monotonic() >= run.deadline
+            if step % settings["checkpoint_every"] == 0 or step == total or interrupt["stop"] or out_of_time:
+                run.checkpoint(stage.name, step, module, ema.module, optimizer)
+            if step < total and (interrupt["stop"] or out_of_time):
+                raise StopRequested(stage.name, step, "interrupted" if interrupt["stop"] else "time limit reached")
+    return ema.module
+
+
+def _parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms and embeddings' gains)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# --- the run directory ----------------------------------------------------------------------
+
+
+class Run:
+    """A run directory: config.json, log.jsonl, captions.jsonl, checkpoints/, autoencoder/."""
+
+    def __init__(self, run_dir: Path, config: dict, *, resume: bool, progress: bool, time_limit_s: float | None, device):
+        self.dir, self.config, self.progress = run_dir, config, progress
+        self.device = device
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        self.generator = torch.Generator().manual_seed(config["seed"])
+        self._open(resume)
+
+    def _open(self, resume: bool) -> None:
+        config_path = self.dir / CONFIG
+        if self.dir.exists() and not self.dir.is_dir():
+            raise TrainingError(f"run directory {self.dir} exists and is not a directory")
+        if config_path.is_file():
+            if not resume:
+                raise TrainingError(
+                    f"run directory {self.dir} already holds a run; pass --resume to continue it, or give a new --run-dir"
+                )
+            stored = json.loads(config_path.read_text(encoding="utf-8"))
+            if _canonical(stored) != _canonical(self.config):
+                changed = sorted(_differences(stored, self.config))
+                raise TrainingError(
+                    f"cannot resume {self.dir}: the config differs from the one it was started with at {', '.join(changed)}; "
+                    "use the original config, or a new --run-dir"
+                )
+        elif self.dir.is_dir() and any(self.dir.iterdir()) and not resume:
+            raise TrainingError(f"run directory {self.dir} is not empty and holds no run; give an empty or new --run-dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not config_path.is_file():
+            write_atomic(config_path, _canonical(self.config) + "\n")
+
+    @contextmanager
+    def autocast(self):
+        mode = self.config["mixed_precision"]
+        if mode == "auto":
+            mode = "bf16" if self.device.type == "cuda" else "no"
+        if mode == "no":
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16):
+            yield
+
+    # -- log ---------------------------------------------------------------------------------
+
+    def log(self, entry: dict) -> None:
+        with open(self.dir / LOG, "a", encoding="utf-8") as file:
+            file.write(json.dumps(entry) + "\n")
+            file.flush()
+
+    def truncate_log(self, stage: str, step: int) -> None:
+        """Drop log lines written after the checkpoint a resumed stage restarts from."""
+        path = self.dir / LOG
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by an interrupted write
+            position = (STAGES.index(entry["stage"]), entry["step"])
+            if position <= (STAGES.index(stage), step):
+                kept.append(line + "\n")
+        write_atomic(path, "".join(kept))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _checkpoint_dirs(self, stage: str) -> list[tuple[int, Path]]:
+        root = self.dir / CHECKPOINTS
+        found = []
+        if root.is_dir():
+            for path in root.iterdir():
+                name, _, number = path.name.rpartition("-")
+                if name == stage and number.isdigit() and path.is_dir():
+                    found.append((int(number), path))
+        return sorted(found)
+
+    def checkpoint(self, stage: str, step: int, module: nn.Module, ema: nn.Module, optimizer) -> Path:
+        from safetensors.torch import save_file
+
+        root = self.dir / CHECKPOINTS
+        root.mkdir(exist_ok=True)
+        target = root / f"{stage}-{step:07d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            save_file(_state(module), str(staging / "model.safetensors"))
+            save_file(_state(ema), str(staging / "ema.safetensors"))
+            tensors, groups = _flatten_optimizer(optimizer)
+            tensors["rng.train"] = self.generator.get_state()
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            state = {"stage": stage, "step": step, "param_groups": groups, "config_sha256": _config_hash(self.config)}
+            (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for _, old in self._checkpoint_dirs(stage)[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def restore(self, stage: str, module: nn.Module, ema: nn.Module, optimizer) -> int:
+        """Load the stage's latest checkpoint into the objects; the step it was taken at (0: none)."""
+        found = self._checkpoint_dirs(stage)
+        if not found:
+            return 0
+        step, path = found[-1]
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            model = load_file(str(path / "model.safetensors"))
+            shadow = load_file(str(path / "ema.safetensors"))
+            tensors = load_file(str(path / "optimizer.safetensors"))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise TrainingError(
+                f"checkpoint {path} is unreadable ({error}); delete it to resume from the one before, "
+                "or start a new --run-dir"
+            ) from None
+        if state.get("stage") != stage or state.get("step") != step or state.get("config_sha256") != _config_hash(self.config):
+            raise TrainingError(f"checkpoint {path} belongs to another run or stage; delete it or use a new --run-dir")
+        for target, tensors_of, label in ((module, model, "model"), (ema, shadow, "ema")):
+            _load_exact(target, tensors_of, path / f"{label}.safetensors")
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+            self.generator.set_state(tensors["rng.train"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise TrainingError(f"checkpoint {path}: the optimizer or RNG state does not fit this model ({error})") from None
+        return step
+
+    # -- the autoencoder's result ------------------------------------------------------------
+
+    def save_autoencoder(self, vae: nn.Module, shift: float, scale: float) -> None:
+        from safetensors.torch import save_file
+
+        target = self.dir / AUTOENCODER_DIR
+        staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", dir=self.dir))
+        try:
+            save_file(_state(vae), str(staging / "weights.safetensors"))
+            stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _config_hash(self.config)}
+            (staging / "latent_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_autoencoder(self, vae: nn.Module) -> tuple[float, float] | None:
+        """(shift, scale) and the weights loaded into `vae`, or None when the stage has not finished."""
+        target = self.dir / AUTOENCODER_DIR
+        if not target.is_dir():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            stats = json.loads((target / "latent_stats.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(target / "weights.safetensors"))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise TrainingError(f"{target} is unreadable ({error}); delete it to retrain the autoencoder") from None
+        if stats.get("config_sha256") != _config_hash(self.config):
+            raise TrainingError(f"{target} was trained with another config; delete it or use a new --run-dir")
+        _load_exact(vae, tensors, target / "weights.safetensors")
+        return float(stats["shift_factor"]), float(stats["scaling_factor"])
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _load_exact(module: nn.Module, tensors: dict, path: Path) -> None:
+    expected = module.state_dict()
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        raise TrainingError(f"{path} does not match the model the config builds (other tensors or shapes); use a new --run-dir")
+    module.load_state_dict(tensors)
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """An optimizer's state as flat tensors (for safetensors) plus its JSON param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().to("cpu").contiguous().clone()
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(_canonical(config).encode()).hexdigest()
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in set(a) | set(b):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix or "(top level)"]
+
+
+def _create(registry: Registry, kind: str, name: str, config: dict):
+    try:
+        return registry.create(kind, name, **config)
+    except (UnknownPluginError, UnknownKindError) as error:
+        raise TrainingError(f"config: {kind} {name!r}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise TrainingError(f"config: {kind} {name!r} does not accept its config: {error}") from None
+
+
+# --- the two stages -------------------------------------------------------------------------
+
+
+def _autoencoder_loss(vae, clips: list[Clip], settings: dict, device) -> Callable:
+    def loss(indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        video = _pixels(clips, indices, device)  # (B, 3, T, H, W)
+        mean, logvar = vae.encode_distribution(video)  # (B, C', T', H', W') each
+        noise = torch.randn(mean.shape, generator=generator).to(device)
+        z = mean + noise * (0.5 * logvar).exp()  # a posterior sample
+        reconstruction = vae.decode(z, clamp=False)  # (B, 3, T, H, W); normalisation is identity here
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        return F.l1_loss(reconstruction, video) + F.mse_loss(reconstruction, video) + settings["kl_weight"] * kl
+
+    return loss
+
+
+@torch.no_grad()
+def encode_latents(vae, clips: list[Clip], device, progress: bool) -> list[torch.Tensor]:
+    """Each clip's posterior mean, raw (before normalisation), on the CPU. The transformer learns
+    the means: with a small KL, channels the autoencoder leaves unused are prior noise, which a
+    posterior sample would hand the transformer to model for nothing."""
+    from tqdm import tqdm
+
+    out = []
+    for clip in tqdm(clips, desc="encoding latents", unit="clip", disable=not progress, file=sys.stderr):
+        mean, _ = vae.encode_distribution(_pixels([clip], [0], device))
+        out.append(mean[0].float().cpu())
+    return out
+
+
+def _condition_masks(kinds: list[str], weights: torch.Tensor, batch: int, frames: int, generator) -> torch.Tensor:
+    """(B, T') 0/1 masks of the known latent frames, one drawn kind per sample."""
+    mask = torch.zeros(batch, frames)
+    for row, choice in enumerate(torch.multinomial(weights, batch, replacement=True, generator=generator).tolist()):
+        kind = kinds[choice]
+        k = int(torch.randint(1, max(frames, 2), (1,), generator=generator))  # 1 .. T'-1 frames
+        if kind == "first":
+            mask[row, 0] = 1
+        elif kind == "last":
+            mask[row, -1] = 1
+        elif kind == "ends":
+            mask[row, 0] = mask[row, -1] = 1
+        elif kind == "prefix":
+            mask[row, :k] = 1
+        elif kind == "suffix":
+            mask[row, frames - k :] = 1
+        if frames == 1 or mask[row].all():  # at least one frame must be left to generate
+            mask[row] = 0
+    return mask
+
+
+def _transformer_loss(dit, text_encoder, latents, clips: list[Clip], settings: dict, config: dict, base_tokens: int, device) -> Callable:
+    kinds = list(settings["conditioning"])
+    weights = torch.tensor([float(settings["conditioning"][k]) for k in kinds])
+    pt, ph, pw = dit.config.patch_size
+    mu, sigma = settings["logit_normal"]
+    base_shift = float(config["defaults"].get("shift", 1.0))
+
+    def loss(indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        B = len(indices)
+        x0 = torch.stack([latents[i] for i in indices])  # (B, C, T', H', W') normalised posterior means
+        _, C, T, H, W = x0.shape
+        captions = []
+        for i in indices:
+            choice = int(torch.randint(len(clips[i].captions), (1,), generator=generator))
+            dropped = float(torch.rand((), generator=generator)) < settings["text_dropout"]
+            captions.append("" if dropped else clips[i].captions[choice])
+        tokens = -(-T // pt) * -(-H // ph) * -(-W // pw)
+        shift = resolution_shift(tokens, base_tokens=base_tokens, base_shift=base_shift)
+        t = shift_time(torch.sigmoid(mu + sigma * torch.randn(B, generator=generator)), shift)  # (B,) in (0, 1)
+        noise = torch.randn(x0.shape, generator=generator)
+        known = _condition_masks(kinds, weights, B, T, generator)  # (B, T')
+
+        x0, noise, known, t = x0.to(device), noise.to(device), known.to(device), t.to(device)
+        tt = t.view(B, 1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * noise  # (B, C, T', H', W')
+        target = noise - x0  # the velocity dx/dt
+        with torch.no_grad():
+            emb = text_encoder.encode(captions)
+        cond_latent = x0 * known.view(B, 1, T, 1, 1)
+        velocity = dit(x_t, t, emb.tokens.to(device), emb.mask.to(device), cond_latent, known)
+        weight = (1 - known).view(B, 1, T, 1, 1).expand_as(target)  # only the frames to generate
+        return ((velocity.float() - target).square() * weight).sum() / weight.sum().clamp(min=1)
+
+    return loss
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    """A milestone on stderr (the bars show only on a terminal; a log file gets these)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _device(config: dict) -> torch.device:
+    if config["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("config: device is cuda but no CUDA device is available; set \"device\": \"auto\" or \"cpu\"")
+    return device
+
+
+def train(
+    config: dict,
+    run_dir: str | os.PathLike,
+    *,
+    registry: Registry,
+    output: str | os.PathLike | None = None,
+    base_dir: str | os.PathLike = ".",
+    resume: bool = False,
+    time_limit_s: float | None = None,
+    progress: bool = False,
+) -> Path:
+    """Run (or resume) the whole recipe of `config` (from load_config) in `run_dir` and write the
+    model bundle to `output` (default: config["output"], relative to base_dir, the config file's
+    directory, as data.path is). Returns the bundle's path. Raises
+    StopRequested after a checkpoint when interrupted or out of time, TrainingError for bad
+    input."""
+    base_dir = Path(base_dir)
+    if output is None:
+        if config["output"] is None:
+            raise TrainingError("no output bundle: set \"output\" in the config or pass --out DIR")
+        output = base_dir / config["output"]
+    run_dir, output = Path(run_dir), Path(output)
+    device = _device(config)
+    torch.manual_seed(config["seed"])
+    run = Run(run_dir, config, resume=resume, progress=progress, time_limit_s=time_limit_s, device=device)
+    _say(f"run {run_dir} on {device}: preparing the data")
+    clips = prepare_data(config, run_dir, registry, progress, base_dir)
+    buckets = [clip.bucket for clip in clips]
+    _say(f"{len(clips)} clips in {len(set(buckets))} buckets, {len(clips[0].captions)} captions each")
+
+    # 1. The autoencoder.
+    ae_part = config["video_autoencoder"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"] * 1000 + 1)
+        vae = _create(registry, "video_autoencoder", ae_part["plugin"], ae_part["config"])
+    if not hasattr(vae, "encode_distribution") or not hasattr(getattr(vae, "config", None), "scaling_factor"):
+        raise TrainingError(
+            f"video_autoencoder {ae_part['plugin']!r} cannot be trained by skyloom train: it needs encode_distribution() "
+            "and a config with scaling_factor and shift_factor (as causal3d has)"
+        )
+    vae.config.shift_factor, vae.config.scaling_factor = 0.0, 1.0  # raw latents while it trains
+    vae.to(device)
+    ae_settings = config["autoencoder_training"]
+    stats = run.load_autoencoder(vae)
+    if stats is None:
+        _say(f"autoencoder: training to step {ae_settings['steps']}")
+        stage = Stage(
+            "autoencoder", vae, ae_settings, BucketBatches(buckets, ae_settings["batch_size"], config["seed"]),
+            _autoencoder_loss(vae, clips, ae_settings, device), len,
+        )
+        vae = run_stage(stage, run)
+        raw = encode_latents(vae, clips, device, progress)
+        values = torch.cat([mean.flatten() for mean in raw])
+        stats = (values.mean().item(), 1.0 / values.std().clamp(min=1e-6).item())
+        run.save_autoencoder(vae, *stats)
+        _say(f"autoencoder done; latent shift {stats[0]:.4f}, scale {stats[1]:.4f}")
+    else:
+        raw = encode_latents(vae.eval(), clips, device, progress)
+    vae.config.shift_factor, vae.config.scaling_factor = stats
+    latents = [(mean - stats[0]) * stats[1] for mean in raw]  # normalised
+    vae.eval().requires_grad_(False)
+
+    # 2. The transformer.
+    dit_values = dict(config["transformer"])
+    dit_values.setdefault("in_channels", vae.latent_channels)
+    te_part = config["text_encoder"]
+    text_encoder = _create(registry, "text_encoder", te_part["plugin"], te_part["config"])
+    dit_values.setdefault("text_dim", text_encoder.dim)
+    checkpointing = config["gradient_checkpointing"]
+    dit_values["gradient_checkpointing"] = device.type == "cuda" if checkpointing == "auto" else bool(checkpointing)
+    dit_config = DiTConfig.from_dict(dit_values)
+    if dit_config.in_channels != vae.latent_channels or dit_config.text_dim != text_encoder.dim:
+        raise TrainingError(
+            f"config: transformer in_channels/text_dim ({dit_config.in_channels}/{dit_config.text_dim}) must match the "
+            f"autoencoder's latent_channels ({vae.latent_channels}) and the text encoder's width ({text_encoder.dim})"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"] * 1000 + 2)
+        dit = SpacetimeDiT(dit_config).to(device)
+    text_encoder = text_encoder.to(device) or text_encoder
+    d = config["defaults"]
+    base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
+    pt, ph, pw = dit_config.patch_size
+    base_tokens = -(-base_latent[1] // pt) * -(-base_latent[2] // ph) * -(-base_latent[3] // pw)
+    dit_settings = config["transformer_training"]
+    _say(f"transformer ({sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters): training to step {dit_settings['steps']}")
+    stage = Stage(
+        "transformer", dit, dit_settings, BucketBatches(buckets, dit_settings["batch_size"], config["seed"] + 1),
+        _transformer_loss(dit, text_encoder, latents, clips, dit_settings, config, base_tokens, device), len,
+    )
+    dit_ema = run_stage(stage, run)
+
+    # 3. The bundle: EMA weights, the config and the log.
+    bundle = write_bundle(config, run, output, vae, dit_ema, dit_config)
+    _say(f"wrote {bundle}")
+    return bundle
+
+
+def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: SpacetimeDiT, dit_config: DiTConfig) -> Path:
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["weights_dtype"]]
+    vae_config = dict(config["video_autoencoder"]["config"])
+    vae_config.update(shift_factor=vae.config.shift_factor, scaling_factor=vae.config.scaling_factor)
+    stored_dit = DiTConfig.from_dict({**dit_config.to_dict(), "gradient_checkpointing": False})
+    index = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": config["name"],
+        "trained": True,
+        "init_seed": config["seed"],
+        "text_encoder": dict(config["text_encoder"]),
+        "video_autoencoder": {"plugin": config["video_autoencoder"]["plugin"], "config": vae_config},
+        "transformer": {"config": stored_dit.to_dict()},
+        "defaults": dict(config["defaults"]),
+        "training": {"config": "training/config.json", "log": "training/log.jsonl"},
+    }
+    extra = {
+        "training/config.json": (run.dir / CONFIG).read_bytes(),
+        "training/log.jsonl": (run.dir / LOG).read_bytes() if (run.dir / LOG).is_file() else b"",
+    }
+    components = {
+        "video_autoencoder": copy.deepcopy(vae).to("cpu", dtype),
+        "transformer": copy.deepcopy(dit).to("cpu", dtype),
+    }
+    return save_bundle(output, index, components, extra_files=extra)

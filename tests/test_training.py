@@ -1,0 +1,292 @@
+"""skyloom train: the recipe end to end on a tiny config, exact resume, checkpoints and errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from skyloom.bundle import BundleError, load_bundle, save_bundle
+from skyloom.cli import main
+from skyloom.datasets.shapes import write_dataset
+from skyloom.registry import get_registry
+from skyloom.training import (
+    BucketBatches,
+    StopRequested,
+    TrainingError,
+    _condition_masks,
+    learning_rate,
+    load_config,
+    train,
+)
+
+TINY = {
+    "name": "tiny",
+    "data": {"path": "data", "captions_per_clip": 2},
+    "video_autoencoder": {"plugin": "causal3d", "config": {"latent_channels": 4, "widths": [8, 16, 16]}},
+    "transformer": {"hidden_size": 32, "depth": 2, "num_heads": 2},
+    "autoencoder_training": {"steps": 4, "batch_size": 2, "warmup": 1, "checkpoint_every": 2, "log_every": 1},
+    "transformer_training": {"steps": 4, "batch_size": 2, "warmup": 1, "checkpoint_every": 2, "log_every": 1},
+    "output": "bundle",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """18 clips: two of each (size, duration) bucket."""
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    write_dataset(root, seed=0, count=18)
+    return root
+
+
+def _config_file(folder: Path, dataset: Path, **changes) -> Path:
+    config = json.loads(json.dumps(TINY))
+    config["data"]["path"] = str(dataset)
+    for key, value in changes.items():
+        config[key] = value
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _train(path: Path, run_dir: Path, **kwargs) -> Path:
+    return train(load_config(path), run_dir, registry=get_registry(), base_dir=path.parent, **kwargs)
+
+
+def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}/{key}": value
+        for name in ("video_autoencoder", "transformer")
+        for key, value in load_file(str(bundle / f"{name}.safetensors")).items()
+    }
+
+
+def _losses(run_dir: Path) -> list[tuple]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [(e["stage"], e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("straight")
+    path = _config_file(folder, dataset)
+    return _train(path, folder / "run"), folder / "run"
+
+
+def test_recipe_writes_a_trained_bundle_that_generates(straight_run):
+    bundle_dir, run_dir = straight_run
+    index = json.loads((bundle_dir / "model_index.json").read_text())
+    assert index["trained"] is True and index["name"] == "tiny"
+    assert index["video_autoencoder"]["dtype"] == index["transformer"]["dtype"] == "float16"
+    vae_config = index["video_autoencoder"]["config"]
+    assert vae_config["scaling_factor"] > 0 and vae_config["shift_factor"] != 0  # the latents' statistics
+    assert json.loads((bundle_dir / "training" / "config.json").read_text()) == json.loads((run_dir / "config.json").read_text())
+    assert (bundle_dir / "training" / "log.jsonl").read_bytes() == (run_dir / "log.jsonl").read_bytes()
+    assert [s for s, *_ in _losses(run_dir)] == ["autoencoder"] * 4 + ["transformer"] * 4
+
+    bundle = load_bundle(bundle_dir, get_registry())
+    assert bundle.trained
+    from skyloom.pipeline import Pipeline
+    from skyloom.request import GenerationRequest
+
+    pipe = Pipeline(bundle, safety_filters=[], watermarkers=[], audit_log=None)
+    result = pipe(GenerationRequest("a red circle moves left", frames=9, width=64, height=64, steps=2, seed=0))
+    assert result.frames.shape == (9, 64, 64, 3)
+
+
+def test_captions_come_from_the_pixels_in_several_phrasings(straight_run, dataset):
+    _, run_dir = straight_run
+    captions = [json.loads(line) for line in (run_dir / "captions.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    assert len(captions) == len(manifest) and all(len(c) == 2 for c in captions)
+    assert any(a != b for a, b in captions)  # two phrasings, not one sentence twice
+    for pair, record in zip(captions, manifest):
+        for caption in pair:
+            for obj in record["objects"]:  # the re-caption names what is in the clip
+                assert obj["colour"] in caption and obj["shape"] in caption
+
+
+def test_interrupted_and_resumed_run_equals_the_straight_run(straight_run, dataset, tmp_path):
+    bundle_dir, run_dir = straight_run
+    path = _config_file(tmp_path, dataset)
+    stops = 0
+    while True:
+        try:  # a tiny time limit stops after every step
+            resumed = _train(path, tmp_path / "run", resume=stops > 0, time_limit_s=1e-9)
+            break
+        except StopRequested as stop:
+            stops += 1
+            assert stop.reason == "time limit reached"
+    assert stops == 6  # 3 stops in each stage: after steps 1, 2 and 3
+    expected, got = _weights(bundle_dir), _weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert _losses(tmp_path / "run") == _losses(run_dir)
+
+
+def test_run_directory_guards(straight_run, dataset, tmp_path):
+    path = _config_file(tmp_path, dataset)
+    _, run_dir = straight_run
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+        _train(path, run_dir)
+    changed = _config_file(tmp_path, dataset, seed=5)
+    with pytest.raises(TrainingError, match="differs from the one it was started with at seed"):
+        _train(changed, run_dir, resume=True)
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(dataset, tmp_path):
+    path = _config_file(tmp_path, dataset)
+    with pytest.raises(StopRequested):
+        _train(path, tmp_path / "run", time_limit_s=1e-9)
+    checkpoint = tmp_path / "run" / "checkpoints" / "autoencoder-0000001"
+    (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainingError, match="autoencoder-0000001 is unreadable"):
+        _train(path, tmp_path / "run", resume=True)
+
+
+def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
+    path = _config_file(tmp_path, dataset)
+    with pytest.raises(StopRequested):
+        _train(path, tmp_path / "run", time_limit_s=1e-9)
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "autoencoder-0000001"
+    save_file({"weight": torch.zeros(3)}, str(checkpoint / "model.safetensors"))
+    with pytest.raises(TrainingError, match="does not match the model the config builds"):
+        _train(path, tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
+        ({"autoencoder_training": {"stepz": 3}}, r"autoencoder_training: unknown key\(s\) \['stepz'\]"),
+        ({"autoencoder_training": {"steps": 0}}, "autoencoder_training.steps must be an integer >= 1"),
+        ({"data": {"path": "x", "shapes": {"count": 3}}}, "exactly one of data.path"),
+        ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
+        ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, change, message):
+    config = {**json.loads(json.dumps(TINY)), **change}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=message):
+        load_config(path)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(TrainingError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(TrainingError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_bucket_batches_are_one_bucket_each_deterministic_and_cover_an_epoch():
+    buckets = [(64, 64, 17)] * 10 + [(80, 48, 33)] * 7 + [(48, 80, 9)] * 9
+    batches = BucketBatches(buckets, batch_size=2, seed=3)
+    assert batches.sizes == {(64, 64, 17): 2, (80, 48, 33): 1, (48, 80, 9): 4}  # ~equal voxels per batch
+    epoch = [batches(step) for step in range(batches.per_epoch)]
+    assert all(len({buckets[i] for i in batch}) == 1 for batch in epoch)
+    seen = [i for batch in epoch for i in batch]
+    assert len(seen) == len(set(seen)) == 10 + 7 + 8  # each clip once; the 9-frame remainder is dropped
+    again = BucketBatches(buckets, batch_size=2, seed=3)  # asked in another order: batch k depends on k alone
+    steps = range(batches.per_epoch + 3)
+    assert [again(s) for s in reversed(steps)][::-1] == [batches(s) for s in steps]
+    assert batches(batches.per_epoch) != batches(0) or batches(batches.per_epoch + 1) != batches(1)  # a new epoch reshuffles
+
+
+def test_bucket_batches_error_when_no_batch_fits():
+    with pytest.raises(TrainingError, match="no bucket has a full batch"):
+        BucketBatches([(64, 64, 9)], batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["none", "first", "last", "ends", "prefix", "suffix"])
+def test_condition_masks(kind):
+    generator = torch.Generator().manual_seed(0)
+    masks = _condition_masks([kind], torch.ones(1), 64, 5, generator)
+    assert not masks.all(dim=1).any()  # some frame is always left to generate
+    if kind == "none":
+        assert masks.sum() == 0
+    elif kind == "first":
+        assert masks[:, 0].all() and masks[:, 1:].sum() == 0
+    elif kind == "last":
+        assert masks[:, -1].all() and masks[:, :-1].sum() == 0
+    elif kind == "ends":
+        assert masks[:, 0].all() and masks[:, -1].all() and masks[:, 1:-1].sum() == 0
+    else:
+        counts = masks.sum(1).long()
+        assert counts.min() >= 1 and counts.max() <= 4 and len(set(counts.tolist())) > 1
+        for row, n in zip(masks, counts):
+            known = row[:n] if kind == "prefix" else row[5 - n :]
+            assert known.all()
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    settings = {"lr": 1e-3, "warmup": 10, "steps": 110, "min_lr_ratio": 0.1}
+    assert learning_rate(settings, 0) == pytest.approx(1e-4)
+    assert learning_rate(settings, 9) == pytest.approx(1e-3)
+    assert learning_rate(settings, 60) == pytest.approx(0.55e-3)
+    assert learning_rate(settings, 110) == pytest.approx(1e-4)
+    values = [learning_rate(settings, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_save_bundle_extra_files(tmp_path):
+    index = json.loads((Path(__file__).parents[1] / "core/models/default/model_index.json").read_text())
+    index.pop("training", None)
+    with pytest.raises(BundleError, match="must be a relative path inside the bundle"):
+        save_bundle(tmp_path / "b", index, {}, extra_files={"../escape.txt": b"x"})
+    save_bundle(tmp_path / "b", index, {}, extra_files={"training/log.jsonl": b"{}\n"})
+    assert (tmp_path / "b" / "training" / "log.jsonl").read_bytes() == b"{}\n"
+
+
+def test_cli_train_errors_are_one_line(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({**TINY, "bogus": 1}))
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "c.json"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "unknown key(s) ['bogus']" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_time_limit_stops_with_a_resume_hint(dataset, tmp_path):
+    path = _config_file(tmp_path, dataset)
+    args = ["train", str(path), "--run-dir", str(tmp_path / "run"), "--time-limit", "0.0000001"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 75
+    assert "time limit reached: stopped after autoencoder step 1" in result.output and "--resume" in result.output
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(dataset, tmp_path):
+    """A real SIGINT to `skyloom train`: it finishes the step, writes a checkpoint, exits 130."""
+    slow = {"steps": 100000, "batch_size": 2, "warmup": 1, "checkpoint_every": 100000, "log_every": 1}
+    path = _config_file(tmp_path, dataset, autoencoder_training=slow)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "skyloom", "train", str(path), "--run-dir", str(run_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "log.jsonl").is_file() or not (run_dir / "log.jsonl").read_text().strip():
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    assert "interrupted: stopped after autoencoder step" in output
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("autoencoder-")
+    step = int(checkpoints[0].split("-")[1])
+    logged = [e["step"] for e in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+    assert max(logged) == step  # nothing done after the last checkpoint went unrecorded or was lost
