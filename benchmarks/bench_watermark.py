@@ -1,16 +1,26 @@
 """Robustness and false-positive benchmark for the `spreadspectrum` watermarker.
 
-    .venv/bin/python benchmarks/bench_watermark.py            # full run (a few minutes)
+    .venv/bin/python benchmarks/bench_watermark.py            # full run (about ten minutes)
     .venv/bin/python benchmarks/bench_watermark.py --quick    # short run
+    .venv/bin/python benchmarks/bench_watermark.py --only small --only small-null   # one section or more
     .venv/bin/python benchmarks/bench_watermark.py --anchor /tmp/iwm_venv/bin/python
 
-What it measures, on procedurally generated 256 x 256 (and larger) clips:
-- PSNR of the marked clip against the original;
-- per attack (H.264 at CRF 23/28/35/40, half-size downscale, 10% crop, brightness ×0.8 and
-  ×1.3, dropping 30% of frames, 24 -> 30 fps re-time, and a few combinations): bit accuracy
-  of the decoded 64-bit payload and the detection rate (CRC valid and sync above threshold);
-- false positives: detection on ≥ 1,000 unmarked clips, with the distribution of the sync
-  statistic z that the detection threshold is chosen from.
+Sections (--only picks):
+- robustness: procedurally generated 256 x 256 (and 512 x 512) clips. PSNR of the marked clip
+  against the original; per attack (H.264 at CRF 23/28/35/40, half-size downscale, 10% crop,
+  brightness ×0.8 and ×1.3, dropping 30% of frames, 24 -> 30 fps re-time, and a few
+  combinations): bit accuracy of the decoded 64-bit payload and the detection rate (CRC valid
+  and sync above threshold);
+- small: shapes-world clips (skyloom.datasets.shapes: what the trained embedded model makes) at
+  64 x 64, 80 x 48 and 48 x 80, 17 frames, marked with the single-tile layout and written as
+  `skyloom generate` writes them (H.264 CRF 18); then re-encodes at CRF 23/28/35 and other
+  edits of that file;
+- null: detection on 1,000 unmarked 256 x 256 clips;
+- small-null: detection on 1,000 unmarked clips at the embedded model's sizes (half
+  shapes-world of 9, 17 and 33 frames, half procedural; lossless, CRF 18 or CRF 28).
+The null sections print, per layout, the distribution of the sync statistic z (each clip's
+best reading) that the layout's threshold is chosen from, and how many readings' CRC checked
+by chance.
 
 --anchor PYTHON runs invisible-watermark's dwtDct and dwtDctSvd on the same clips and attacks,
 frame by frame (majority vote of the per-frame bits), through a subprocess in a separate venv.
@@ -21,9 +31,11 @@ without (the anchor script stubs `torch` out):
     /tmp/iwm_venv/bin/pip install numpy opencv-python-headless PyWavelets Pillow
     /tmp/iwm_venv/bin/pip install --no-deps invisible-watermark
 
-Measured 2026-11-22 (CPU): full run -> robustness table in 190 s, false positives 0 of 1,000
-with null z mean 4.19, std 0.34, 99th percentile 5.20, max 5.70, hence the default detection
-threshold 6.0 (detection also needs the payload's CRC-16 to check).
+Measured 2026-12-01 (CPU, one thread, niced beside a training run): robustness in 52 s, small
+in 69 s, null in 257 s, small-null in 126 s. False positives 0 of 1,000 at 256 x 256 (tiled z
+mean 4.22, std 0.32, max 5.58; single z mean 1.16, std 0.70, max 3.72) and 0 of 1,000 small
+(single z mean 1.19, std 0.71, max 3.52; tiled, 64 x 64 only, max 5.23), no chance CRC match:
+hence the default thresholds 6.0 (tiled) and 4.5 (single). Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -42,7 +54,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from skyloom.plugins.watermarker.spreadspectrum import SpreadSpectrumWatermarker
+from skyloom.datasets.shapes import BUCKETS
+from skyloom.datasets.shapes import make_clip as make_shapes_clip
+from skyloom.plugins.watermarker.spreadspectrum import LAYOUTS, SpreadSpectrumWatermarker
+from skyloom.video_io import read_video, write_video
 
 # --- procedural clips -------------------------------------------------------------------------
 
@@ -171,9 +186,22 @@ CLIP_KINDS = {
 }
 
 
-def make_clip(kind: str, seed: int, frames: int, size: int) -> torch.Tensor:
+def make_clip(kind: str, seed: int, frames: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """A procedural clip; size is a side or (width, height) (drawn square, then cropped)."""
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return torch.from_numpy(np.ascontiguousarray(CLIP_KINDS[kind](rng, frames, size)))
+    clip = CLIP_KINDS[kind](rng, frames, max(width, height))[:, :height, :width]
+    return torch.from_numpy(np.ascontiguousarray(clip))
+
+
+SMALL_SIZES = ((64, 64), (80, 48), (48, 80))  # (width, height): what the embedded model makes
+
+
+def shapes_clip(seed: int, index: int, size: tuple[int, int], frames: int = 17) -> torch.Tensor:
+    """The index-th shapes-world clip of `size` and `frames`: what the (trained) embedded model
+    makes, flat-coloured shapes moving on a flat background (skyloom.datasets.shapes)."""
+    bucket = BUCKETS.index((tuple(size), frames))
+    return make_shapes_clip(seed, len(BUCKETS) * index + bucket, split="all")[1]
 
 
 # --- attacks ----------------------------------------------------------------------------------
@@ -218,6 +246,15 @@ def brightness(frames: torch.Tensor, gain: float) -> torch.Tensor:
     return (frames.to(torch.float32) * gain).round().clamp(0, 255).to(torch.uint8)
 
 
+def skyloom_write(frames: torch.Tensor, crf: int = 18, fps: float = 8) -> torch.Tensor:
+    """What `skyloom generate` writes (skyloom.video_io.write_video: libx264 yuv420p, preset
+    medium, CRF 18 by default), read back as `skyloom verify` reads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        write_video(path, frames, fps, crf=crf)
+        return read_video(path)[0]
+
+
 def drop_frames(frames: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     t = frames.shape[0]
     keep = max(1, int(round(t * (1 - fraction))))
@@ -249,12 +286,35 @@ ATTACKS = {
     "half+crf28": lambda v: h264(rescale(v, 0.5), 28),
     "crop+bright1.3+crf28": lambda v: h264(brightness(crop(v, 0.1), 1.3), 28),
 }
+# Small frames: the first attack is skyloom's own write; the others start from what it wrote.
+SMALL_ATTACKS = {
+    "skyloom_write_crf18": lambda v: v,
+    "reencode_crf23": lambda v: skyloom_write(v, 23),
+    "reencode_crf28": lambda v: skyloom_write(v, 28),
+    "reencode_crf35": lambda v: skyloom_write(v, 35),
+    "downscale_half": lambda v: rescale(v, 0.5),
+    "upscale_4x": lambda v: rescale(v, 4),
+    "crop_10pct": lambda v: crop(v, 0.10),
+    "brightness_0.8": lambda v: brightness(v, 0.8),
+    "brightness_1.3": lambda v: brightness(v, 1.3),
+    "drop_30pct_frames": lambda v: drop_frames(v, 0.3),
+}
 QUICK_ATTACKS = ("none", "h264_crf28", "h264_crf40", "downscale_half", "crop_10pct", "brightness_1.3", "drop_30pct_frames", "retime_24_to_30")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a.to(torch.float64) - b.to(torch.float64)).square().mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def read_and_detect(marker: SpreadSpectrumWatermarker, frames: torch.Tensor):
+    """-> (best-effort payload, detected with exactly that payload?); frames too small to read
+    count as a miss with no payload."""
+    try:
+        reading, detection = marker.read(frames), marker.detect(frames)
+    except ValueError:
+        return None, False
+    return reading.payload, detection.detected and detection.payload == reading.payload
 
 
 def bit_accuracy(a: bytes | None, b: bytes) -> float:
@@ -337,29 +397,130 @@ def robustness(clips, attacks, marker, anchors, payloads):
     return results, psnrs
 
 
+def small_frames(marker, per_size: int, frames: int, seed: int = 0):
+    """Shapes-world clips at the embedded model's sizes, marked and written as skyloom writes
+    them -> {size: {attack: [(bit accuracy, detected), ...]}}, {size: [psnr, ...]}."""
+    rng = np.random.default_rng(2)
+    results, psnrs = {}, {}
+    for size in SMALL_SIZES:
+        results[size], psnrs[size] = {a: [] for a in SMALL_ATTACKS}, []
+        for i in range(per_size):
+            clip, payload = shapes_clip(seed, i, size, frames), rng.bytes(8)
+            marked = marker.embed(clip, payload)
+            psnrs[size].append(psnr(marked, clip))
+            written = skyloom_write(marked)
+            for attack, edit in SMALL_ATTACKS.items():
+                guess, found = read_and_detect(marker, edit(written))
+                results[size][attack].append((bit_accuracy(guess, payload), found))
+    return results, psnrs
+
+
+def _null_record(marker, clip, zs, crc_ok) -> bool:
+    """Every layout's best z on one unmarked clip into zs[layout]; -> whether it was detected."""
+    best = {}
+    for reading in marker.readings(clip):
+        best[reading.layout] = max(best.get(reading.layout, -math.inf), reading.z)
+        crc_ok[reading.layout] += reading.crc_ok
+    for layout, z in best.items():
+        zs[layout].append(z)
+    return marker.detect(clip).detected
+
+
 def false_positives(marker, n_clips: int, frames: int, size: int, seed: int = 10_000):
-    zs, detections, kinds = [], 0, list(CLIP_KINDS)
+    """Unmarked procedural clips of size x size, a third re-encoded at CRF 28 ->
+    ({layout: per-clip best z}, {layout: readings whose CRC checked by chance}, detections)."""
+    zs, crc_ok, detections, kinds = {l.name: [] for l in LAYOUTS}, {l.name: 0 for l in LAYOUTS}, 0, list(CLIP_KINDS)
     for i in range(n_clips):
         clip = make_clip(kinds[i % len(kinds)], seed + i, frames, size)
         if i % 3 == 1:  # a third re-encoded, as real unmarked footage would be
             clip = h264(clip, 28)
-        reading = marker.read(clip)
-        zs.append(reading.z)
-        detections += marker.detect(clip).detected
-    return np.array(zs), detections
+        detections += _null_record(marker, clip, zs, crc_ok)
+    return zs, crc_ok, detections
+
+
+def small_false_positives(marker, n_clips: int, seed: int = 20_000):
+    """Unmarked clips at the embedded model's sizes: half shapes-world (every size and length:
+    9, 17, 33 frames), half procedural (the six kinds, 4 to 17 frames); a third of each kept
+    lossless, a third written as skyloom writes (CRF 18), a third at CRF 28."""
+    zs, crc_ok, detections, kinds = {l.name: [] for l in LAYOUTS}, {l.name: 0 for l in LAYOUTS}, 0, list(CLIP_KINDS)
+    for i in range(n_clips):
+        if i % 2 == 0:
+            clip = make_shapes_clip(seed, i // 2, split="all")[1]
+        else:
+            j = i // 2
+            clip = make_clip(kinds[j % len(kinds)], seed + j, (4, 9, 17)[j % 3], SMALL_SIZES[(j // 3) % 3])
+        if (i // 2) % 3 == 1:
+            clip = skyloom_write(clip, 18)
+        elif (i // 2) % 3 == 2:
+            clip = skyloom_write(clip, 28)
+        detections += _null_record(marker, clip, zs, crc_ok)
+    return zs, crc_ok, detections
+
+
+def print_null(zs: dict, crc_ok: dict, marker) -> None:
+    thresholds = {"tiled": marker.threshold, "single": marker.single_threshold}
+    for layout, values in zs.items():
+        if values:
+            v = np.array(values)
+            print(f"  {layout:<7} layout, {len(v)} clips read: sync z mean {v.mean():.2f}, std {v.std():.2f}, "
+                  f"99th pct {np.percentile(v, 99):.2f}, max {v.max():.2f}; threshold {thresholds[layout]}; "
+                  f"chance CRC matches {crc_ok[layout]}")
+
+
+SECTIONS = ("robustness", "small", "null", "small-null")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer clips, attacks and null clips")
     parser.add_argument("--anchor", metavar="PYTHON", help="interpreter of a venv with invisible-watermark")
-    parser.add_argument("--null-clips", type=int, default=None, help="unmarked clips for the false-positive run")
+    parser.add_argument("--null-clips", type=int, default=None, help="unmarked 256x256 clips for the false-positive run")
+    parser.add_argument("--small-clips", type=int, default=None, help="shapes-world clips per small size (default 20)")
+    parser.add_argument("--small-null-clips", type=int, default=None, help="unmarked small clips for the false-positive run")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     parser.add_argument("--key", default=None, help="watermark key (default: the public default)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    sections = args.only or SECTIONS
 
     marker = SpreadSpectrumWatermarker(**({"key": args.key} if args.key else {}))
     frames = 8 if args.quick else 16
+    if "robustness" in sections:
+        robustness_section(marker, args, frames)
+    if "small" in sections:
+        per_size = args.small_clips or (5 if args.quick else 20)
+        start = time.perf_counter()
+        results, psnrs = small_frames(marker, per_size, frames=17)
+        print(f"\nSmall frames: {per_size} shapes-world clips of 17 frames per size, marked, written by skyloom "
+              f"(CRF 18) and read back; the other attacks start from that file, {time.perf_counter() - start:.0f} s")
+        header = f"{'attack':<22}" + "".join(f"{f'{w}x{h} bits':>22}{'det':>6}" for w, h in SMALL_SIZES)
+        print(header)
+        print("-" * len(header))
+        for attack in SMALL_ATTACKS:
+            row = f"{attack:<22}"
+            for size in SMALL_SIZES:
+                acc = np.array([a for a, _ in results[size][attack]])
+                det = np.mean([d for _, d in results[size][attack]])
+                row += f"{acc.mean():>15.3f} (min {acc.min():.2f})"[-22:].rjust(22) + f"{det:>6.2f}"
+            print(row)
+        print("PSNR (dB)             " + "".join(f"{np.mean(psnrs[s]):>15.2f} (min {np.min(psnrs[s]):.1f})"[-22:].rjust(22) + " " * 6 for s in SMALL_SIZES))
+    if "null" in sections:
+        n_null = args.null_clips or (200 if args.quick else 1000)
+        start = time.perf_counter()
+        zs, crc_ok, false = false_positives(marker, n_null, frames=4, size=256)
+        print(f"\nFalse positives: {false} of {n_null} unmarked clips (4 frames, 256x256, {len(CLIP_KINDS)} kinds, "
+              f"a third H.264 CRF 28), {time.perf_counter() - start:.0f} s")
+        print_null(zs, crc_ok, marker)
+    if "small-null" in sections:
+        n_null = args.small_null_clips or (200 if args.quick else 1000)
+        start = time.perf_counter()
+        zs, crc_ok, false = small_false_positives(marker, n_null)
+        print(f"\nFalse positives, small frames: {false} of {n_null} unmarked clips (64x64, 80x48, 48x80; half "
+              f"shapes-world, half procedural; a third each lossless, CRF 18, CRF 28), {time.perf_counter() - start:.0f} s")
+        print_null(zs, crc_ok, marker)
+
+
+def robustness_section(marker, args, frames) -> None:
     per_kind = 1 if args.quick else 2
     clips = [(f"{kind}#{i}", make_clip(kind, i, frames, 256)) for kind in CLIP_KINDS for i in range(per_kind)]
     if not args.quick:
@@ -392,14 +553,6 @@ def main(argv=None) -> None:
         if misses:
             print(f"{m} missed: " + "; ".join(f"{a}: {', '.join(names)}" for a, names in misses.items()))
     print("PSNR (dB)             " + "".join(f"{np.mean(psnrs[m]):>15.2f} (min {np.min(psnrs[m]):.1f})"[-22:].rjust(22) + " " * 6 for m in methods))
-
-    n_null = args.null_clips or (200 if args.quick else 1000)
-    start = time.perf_counter()
-    zs, false = false_positives(marker, n_null, frames=4, size=256)
-    print(f"\nFalse positives: {false} of {n_null} unmarked clips (4 frames, 256x256, {len(CLIP_KINDS)} kinds, "
-          f"a third H.264 CRF 28), {time.perf_counter() - start:.0f} s")
-    print(f"null sync z: mean {zs.mean():.2f}, std {zs.std():.2f}, 99th pct {np.percentile(zs, 99):.2f}, "
-          f"max {zs.max():.2f}; detection threshold {marker.threshold}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,16 @@ STAGE_DEFAULTS = {
     "checkpoint_every": 500,  # steps between checkpoints (one is always written at the end)
     "log_every": 20,  # steps between log lines
 }
-AUTOENCODER_DEFAULTS = {**STAGE_DEFAULTS, "lr": 1e-3, "kl_weight": 1e-4}
+AUTOENCODER_DEFAULTS = {
+    **STAGE_DEFAULTS,
+    "lr": 1e-3,
+    "kl_weight": 1e-4,
+    # Reconstruction weight of pixels unlike their frame's border colour (1: no emphasis). Small
+    # objects on a flat background are a few percent of the pixels: without it they are learnt
+    # last (measured: still missing after 2,000 steps, while weight 10 learns them steadily).
+    "foreground_weight": 1.0,
+}
+FOREGROUND_DISTANCE = 0.1  # in [-1, 1] units on any channel: what counts as unlike the border
 TRANSFORMER_DEFAULTS = {
     **STAGE_DEFAULTS,
     "batch_size": 32,
@@ -172,6 +181,9 @@ def check_config(config: dict, where: str = "config") -> None:
             raise TrainingError(f"{where}: {stage}.lr must be a number > 0, got {settings['lr']!r}")
         if not 0 <= settings["ema_decay"] < 1:
             raise TrainingError(f"{where}: {stage}.ema_decay must be in [0, 1), got {settings['ema_decay']!r}")
+    weight = config["autoencoder_training"]["foreground_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 1:
+        raise TrainingError(f"{where}: autoencoder_training.foreground_weight must be a number >= 1 (1: no emphasis), got {weight!r}")
     shares = config["transformer_training"]["conditioning"]
     bad = sorted(set(shares) - set(CONDITIONING_KINDS))
     if bad or not shares or any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
@@ -674,15 +686,25 @@ def _create(registry: Registry, kind: str, name: str, config: dict):
 # --- the two stages -------------------------------------------------------------------------
 
 
+def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, 1, T, H, W): `weight` where a pixel differs from its frame's border colour (the
+    per-channel median of the top and bottom rows) by more than FOREGROUND_DISTANCE, else 1."""
+    border = torch.cat([video[..., 0, :], video[..., -1, :]], dim=-1).median(dim=-1).values  # (B, 3, T)
+    unlike = (video - border[..., None, None]).abs().amax(dim=1, keepdim=True) > FOREGROUND_DISTANCE
+    return 1 + (weight - 1) * unlike.to(video.dtype)
+
+
 def _autoencoder_loss(vae, clips: list[Clip], settings: dict, device) -> Callable:
     def loss(indices: list[int], generator: torch.Generator) -> torch.Tensor:
         video = _pixels(clips, indices, device)  # (B, 3, T, H, W)
         mean, logvar = vae.encode_distribution(video)  # (B, C', T', H', W') each
         noise = torch.randn(mean.shape, generator=generator).to(device)
         z = mean + noise * (0.5 * logvar).exp()  # a posterior sample
-        reconstruction = vae.decode(z, clamp=False)  # (B, 3, T, H, W); normalisation is identity here
+        error = vae.decode(z, clamp=False) - video  # (B, 3, T, H, W); normalisation is identity here
+        weights = foreground_weights(video, settings["foreground_weight"])  # (B, 1, T, H, W)
+        reconstruction = (weights * (error.abs() + error.square())).mean()  # weighted L1 + MSE
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        return F.l1_loss(reconstruction, video) + F.mse_loss(reconstruction, video) + settings["kl_weight"] * kl
+        return reconstruction + settings["kl_weight"] * kl
 
     return loss
 

@@ -111,6 +111,25 @@ def _atomic_write(path, write) -> Path:
 # --- writing -----------------------------------------------------------------------------
 
 
+def _yuv420p_frame(image: np.ndarray):
+    """An RGB image as a yuv420p frame whose every byte is set. PyAV's frames pad each row to an
+    aligned stride and leave the padding uninitialised; x264 reads it, so the same frames would
+    not always encode to the same bytes. Here the padding is written as zeros."""
+    import av
+
+    height, width, _ = image.shape
+    yuv = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p").to_ndarray()  # (H·3/2, W)
+    quarter = height * width // 4
+    chroma = yuv[height:].reshape(-1)  # U then V, each (H/2)·(W/2) bytes
+    planes = (yuv[:height], chroma[:quarter].reshape(height // 2, width // 2), chroma[quarter:].reshape(height // 2, width // 2))
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, data in zip(frame.planes, planes):
+        padded = np.zeros((plane.height, plane.line_size), dtype=np.uint8)
+        padded[:, : plane.width] = data
+        plane.update(padded)
+    return frame
+
+
 def write_video(
     path,
     frames,
@@ -154,11 +173,7 @@ def write_video(
             if codec in ("libx264", "libx265"):
                 stream.options = {"crf": str(crf), "preset": preset}
             for image in array:
-                # Convert to yuv420p first and encode a packed copy: the converter leaves the
-                # padding at the end of each chroma row uninitialised, and x264 reads it, so the
-                # same frames would not always give the same bytes.
-                yuv = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p").to_ndarray()
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(yuv, format="yuv420p")))
+                container.mux(stream.encode(_yuv420p_frame(image)))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
     try:

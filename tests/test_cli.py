@@ -208,8 +208,12 @@ def test_verify_stripped_but_watermarked_and_neither(signed_video, tmp_path):
     assert report["verdict"] == "neither" and not report["watermark"]["detected"] and report["watermark"]["payload"] is None
 
 
-def test_small_videos_are_not_watermarked_and_the_output_says_why(tmp_path):
+def test_64x64_videos_are_watermarked_and_smaller_ones_say_why_not(tmp_path):
+    result = invoke("generate", "a red circle", "-o", str(tmp_path / "default.mp4"), "--frames", "1", "--size", "64x64", "--steps", "1", "--json")
+    record = json.loads(result.stdout)
+    assert record["stages"]["watermarking"]["status"] == "ran" and "not watermarked" not in result.stderr
+    assert [w["watermarker"] for w in record["watermarks"]] == ["spreadspectrum"]
     out = tmp_path / "small.mp4"
-    result = invoke("generate", "a red circle", "-o", str(out), "--frames", "1", "--size", "64x64", "--steps", "1", "--json")
-    assert "note: not watermarked: frames 64x64 are smaller than the 128-pixel side" in result.stderr
+    result = invoke("generate", "a red circle", "-o", str(out), "--frames", "1", "--size", "40x40", "--steps", "1", "--json")
+    assert "note: not watermarked: frames 40x40 are smaller than the 48-pixel side" in result.stderr
     assert "--upscale 2" in json.loads(result.stdout)["stages"]["watermarking"]["reason"]

@@ -216,3 +216,34 @@ def test_upscale_resizes_before_frame_safety_and_watermarking(pipe):
 def test_bad_sampler_options_fail_before_any_work(pipe):
     with pytest.raises(ValueError, match="sampler_options .* do not fit sampler 'euler'"):
         pipe([small("a forbidden thing"), small(sampler_options={"warp": 9})])
+
+
+def test_spreadspectrum_marks_a_64x64_generation_and_verify_finds_it(tmp_path):
+    """The real watermarker on the embedded model's own size, through save (H.264 CRF 18 and
+    C2PA) and verify. The decoder's output is swapped for a shapes-world clip, what the trained
+    model makes (the untrained one makes noise); a static square on black is the hardest."""
+    from skyloom.datasets.shapes import make_clip
+    from skyloom.registry import get_registry
+    from skyloom.verify import verify
+
+    pipe = Pipeline.from_pretrained(device="cpu", safety_filters=[], watermarkers=["spreadspectrum"],
+                                    prompt_enhancer=None, audit_log=None)
+    clip = make_clip(0, 19)[1]  # (17, 64, 64, 3): a yellow square on black
+    pixels = clip.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
+    pipe.bundle.video_autoencoder.iter_decode = lambda latent, chunk_frames: iter([pixels])
+    result = pipe(GenerationRequest("a yellow square stays still", frames=17, width=64, height=64, steps=1, seed=0))
+    assert result.record["stages"]["watermarking"]["status"] == "ran"
+    assert "too_small_for" not in result.record["stages"]["watermarking"]
+    [mark] = result.record["watermarks"]
+    assert mark["watermarker"] == "spreadspectrum" and not torch.equal(result.frames, clip)
+    marker = get_registry().create("watermarker", "spreadspectrum")
+    report = verify(result.save(tmp_path / "gen.mp4"), watermarkers=[("spreadspectrum", marker)])
+    assert report["verdict"] == "signed_intact"
+    assert report["watermark"]["payload"] == mark["payload"] and report["watermark"]["matches_manifest"] is True
+
+    # Below the 48-pixel side the mark needs (the same decoder output, cropped to 40 x 40 by the
+    # pipeline), the stage is skipped and says how to fix it.
+    small_result = pipe(GenerationRequest("a red circle", frames=1, width=40, height=40, steps=1, seed=0))
+    reason = small_result.record["stages"]["watermarking"]["reason"]
+    assert "smaller than the 48-pixel side" in reason and "--upscale 2" in reason
+    assert small_result.record["watermarks"] == []

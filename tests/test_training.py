@@ -21,6 +21,7 @@ from skyloom.training import (
     StopRequested,
     TrainingError,
     _condition_masks,
+    foreground_weights,
     learning_rate,
     load_config,
     train,
@@ -172,6 +173,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
         ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+        ({"autoencoder_training": {"foreground_weight": 0.5}}, "foreground_weight must be a number >= 1"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, change, message):
@@ -228,6 +230,22 @@ def test_condition_masks(kind):
         for row, n in zip(masks, counts):
             known = row[:n] if kind == "prefix" else row[5 - n :]
             assert known.all()
+
+
+def test_foreground_weights_mark_the_objects_and_nothing_else():
+    from skyloom.datasets.shapes import make_clip, shape_mask
+
+    scene, frames = make_clip(0, 4)  # 80x48, 17 frames
+    video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
+    weights = foreground_weights(video, 10.0)  # (1, 1, T, H, W)
+    expected = torch.zeros(frames.shape[:3], dtype=torch.bool)
+    for obj, boxes in zip(scene.objects, scene.boxes()):
+        mask = torch.from_numpy(shape_mask(obj["shape"], obj["size"]))
+        for t, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            expected[t, y0:y1, x0:x1] |= mask
+    assert torch.equal(weights[0, 0] == 10.0, expected)
+    assert set(weights.unique().tolist()) == {1.0, 10.0}
+    assert torch.equal(foreground_weights(video, 1.0), torch.ones_like(weights))
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -1,5 +1,6 @@
 """The `spreadspectrum` watermarker: round trips, the edits it must survive, and the videos it
-must not claim (unmarked, or marked under another key)."""
+must not claim (unmarked, or marked under another key), at 256 x 256 and at the embedded
+model's own sizes (64 x 64, 80 x 48, 48 x 80)."""
 
 from fractions import Fraction
 import os
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from skyloom.datasets.shapes import make_clip
 from skyloom.kinds import WatermarkDetection, Watermarker
 from skyloom.plugins.watermarker import spreadspectrum
 from skyloom.plugins.watermarker.spreadspectrum import (
@@ -23,6 +25,7 @@ from skyloom.plugins.watermarker.spreadspectrum import (
     viterbi_decode,
 )
 from skyloom.registry import Registry
+from skyloom.video_io import read_video, write_video
 
 PAYLOAD = bytes.fromhex("5e1f00a7c3d2b401")  # model id + generation id, as the pipeline passes
 
@@ -62,6 +65,26 @@ def h264(frames: torch.Tensor, crf: int) -> torch.Tensor:
                 container.mux(packet)
         with av.open(path) as container:
             return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+
+
+def skyloom_write(frames: torch.Tensor, tmp_path, crf: int = 18) -> torch.Tensor:
+    """Written as `skyloom generate` writes (H.264 CRF 18 by default) and read back as `skyloom
+    verify` reads."""
+    path = tmp_path / f"clip-crf{crf}.mp4"
+    write_video(path, frames, 8, crf=crf)
+    return read_video(path)[0]
+
+
+def shapes(index: int) -> torch.Tensor:
+    """Shapes-world clip `index` of seed 0 (what the trained embedded model makes): flat shapes
+    on a flat background. 19: a static yellow square on black, the hardest of these for the
+    mark (hard edges, and half the chips clip at black); 1 and 46: two moving shapes on navy;
+    4: 80 x 48, static green square on navy; 31: 80 x 48, on black; 7 and 43: 48 x 80."""
+    return make_clip(0, index)[1]
+
+
+SMALL_CLIPS = {"64x64 black": 19, "64x64 navy": 1, "64x64 two moving": 46, "80x48 navy": 4, "80x48 black": 31,
+               "48x80 black": 7, "48x80 gray": 43}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,6 +166,76 @@ def test_same_payload_same_mark_and_different_payloads_differ(marker, clip, mark
     assert marker.detect(other).payload == bytes(8)
 
 
+# --- the embedded model's sizes: one tile over the frame ---------------------------------------
+
+
+@pytest.mark.parametrize("index", SMALL_CLIPS.values(), ids=SMALL_CLIPS.keys())
+def test_small_frames_round_trip_through_skyloom_write(marker, index, tmp_path):
+    clip = shapes(index)
+    assert clip.shape[0] == 17 and min(clip.shape[1:3]) < 128
+    written = skyloom_write(marker.embed(clip, PAYLOAD), tmp_path)
+    assert written.shape == clip.shape
+    assert_found(marker, written)
+    assert marker.read(written).layout == "single"
+
+
+@pytest.mark.parametrize("index", SMALL_CLIPS.values(), ids=SMALL_CLIPS.keys())
+def test_small_frames_psnr_is_at_least_38_db(marker, index):
+    clip = shapes(index)
+    assert psnr(marker.embed(clip, PAYLOAD), clip) >= 38.0
+
+
+def test_black_frames_keep_the_mark_at_the_same_psnr(marker):
+    # Half the chips clip at 0; the rest are raised so that the RMS change stays `strength`.
+    black = torch.zeros(9, 64, 64, 3, dtype=torch.uint8)
+    marked = marker.embed(black, PAYLOAD)
+    assert 38.0 <= psnr(marked, black) <= 40.0
+    assert_found(marker, marked)
+
+
+def test_small_frames_survive_crf_23_and_brightness(marker, tmp_path):
+    written = skyloom_write(marker.embed(shapes(1), PAYLOAD), tmp_path)
+    assert_found(marker, skyloom_write(written, tmp_path, crf=23))
+    assert_found(marker, (written.float() * 1.3).round().clamp(0, 255).byte())
+
+
+def test_rescaled_copies_of_small_frames_are_read_with_the_layout_they_carry(marker):
+    marked = marker.embed(shapes(19), PAYLOAD)
+    up = F.interpolate(marked.permute(0, 3, 1, 2).float(), scale_factor=4, mode="bicubic")
+    up = up.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous()  # 256 x 256
+    assert_found(marker, up)
+    assert marker.read(up).layout == "single"
+    assert marker.read(marker.embed(up, PAYLOAD)).layout == "tiled"  # 256 x 256 is marked tiled
+
+
+@pytest.mark.parametrize("index", [19, 31, 7, 10, 58, 61])
+def test_unmarked_small_clips_are_not_detected(marker, index, tmp_path):
+    clip = shapes(index)
+    for frames in (clip, skyloom_write(clip, tmp_path)):
+        result = marker.detect(frames)
+        assert not result.detected and result.payload is None
+        assert result.confidence < 0.5
+
+
+def test_single_tile_sync_on_unmarked_clips_stays_far_below_its_threshold(marker, tmp_path):
+    # The lower threshold for small frames holds because only alignments within a pixel of
+    # none are searched (a search of all 4,096 would put unmarked clips near z = 4).
+    zs = [r.z for i in (19, 31, 7, 10, 58, 61) for r in marker.readings(skyloom_write(shapes(i), tmp_path)) if r.layout == "single"]
+    assert len(zs) == 6 and np.mean(zs) < 2.5 and max(zs) < marker.single_threshold
+
+
+def test_wrong_key_does_not_see_a_small_mark(marker):
+    video = SpreadSpectrumWatermarker(key="a deployment's own secret").embed(shapes(1), PAYLOAD)
+    assert not marker.detect(video).detected
+
+
+def test_min_frame_side_is_48_and_smaller_frames_are_refused(marker):
+    assert SpreadSpectrumWatermarker.min_frame_side == 48
+    marker.embed(torch.zeros(1, 48, 80, 3, dtype=torch.uint8), PAYLOAD)
+    with pytest.raises(ValueError, match="at least 48 x 48"):
+        marker.embed(torch.zeros(1, 40, 80, 3, dtype=torch.uint8), PAYLOAD)
+
+
 # --- attacks ----------------------------------------------------------------------------------
 
 
@@ -217,7 +310,7 @@ def test_own_key_round_trips_and_default_key_does_not_see_it(marker, clip):
         (torch.zeros(256, 256, 3, dtype=torch.uint8), ValueError, r"\(T, H, W, 3\)"),
         (torch.zeros(2, 256, 256, 4, dtype=torch.uint8), ValueError, r"\(T, H, W, 3\)"),
         (torch.zeros(0, 256, 256, 3, dtype=torch.uint8), ValueError, "at least one frame"),
-        (torch.zeros(2, 100, 256, 3, dtype=torch.uint8), ValueError, "at least 128 x 128"),
+        (torch.zeros(2, 40, 256, 3, dtype=torch.uint8), ValueError, "at least 48 x 48"),
         ([[0]], TypeError, "torch.Tensor"),
     ],
 )
@@ -226,10 +319,10 @@ def test_embed_rejects_bad_frames(marker, frames, error, match):
         marker.embed(frames, PAYLOAD)
 
 
-def test_detect_minimum_size_is_64(marker):
-    with pytest.raises(ValueError, match="at least 64 x 64"):
-        marker.detect(torch.zeros(1, 63, 128, 3, dtype=torch.uint8))
-    assert not marker.detect(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).detected
+def test_detect_minimum_size_is_32(marker):
+    with pytest.raises(ValueError, match="at least 32 x 32"):
+        marker.detect(torch.zeros(1, 31, 128, 3, dtype=torch.uint8))
+    assert not marker.detect(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).detected
 
 
 @pytest.mark.parametrize("payload, error", [(b"1234567", ValueError), (b"123456789", ValueError), ("12345678", TypeError)])
@@ -238,7 +331,8 @@ def test_payload_must_be_exactly_8_bytes(marker, payload, error):
         marker.embed(torch.zeros(1, 128, 128, 3, dtype=torch.uint8), payload)
 
 
-@pytest.mark.parametrize("config", [{"strength": 0}, {"strength": 11}, {"key": ""}, {"masking": 2}, {"threshold": -1}])
+@pytest.mark.parametrize("config", [{"strength": 0}, {"strength": 11}, {"key": ""}, {"masking": 2}, {"threshold": -1},
+                                    {"single_threshold": 0}])
 def test_bad_config_is_rejected(config):
     with pytest.raises(ValueError):
         SpreadSpectrumWatermarker(**config)

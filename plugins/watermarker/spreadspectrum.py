@@ -4,12 +4,19 @@ What is embedded. A 64-bit payload (8 bytes: the pipeline passes a model id and 
 per-generation id) gets a CRC-16, then a rate-1/2 convolutional code (K = 7, the 133/171
 code of 802.11 and DVB) turns those 80 bits (+ 6 tail bits) into 172 coded bits. Each coded
 bit is spread over five or six "chips" scattered over a 32 x 32-chip tile, each chip
-multiplied by a keyed pseudo-random ±1 sign. The tile repeats 2 x 2 times over a 64 x 64-chip
-canvas, the canvas is stretched smoothly (bilinear) over the whole frame, whatever its size
-(4 x 4-pixel chips on a 256 x 256 frame), and added to luma: the same delta on R, G and B, so
-chroma is untouched. Every frame carries the same mark. Its strength follows local texture
-(perceptual masking, `masking`) and is normalised so that the RMS change per channel equals
-`strength` levels: PSNR ≈ 48.1 − 20·log10(strength) dB, about 39 dB at the default 2.8.
+multiplied by a keyed pseudo-random ±1 sign. Tiles make a canvas, the canvas is stretched
+smoothly (bilinear) over the whole frame, whatever its size, and added to luma: the same
+delta on R, G and B, so chroma is untouched. The canvas depends on the frame's shorter side
+(`layout_for`):
+- "tiled", 128 px and more: the tile repeats 2 x 2 over a 64 x 64-chip canvas (4 x 4-pixel
+  chips on a 256 x 256 frame);
+- "single", 48 to 127 px (the embedded model makes 64 x 64, 80 x 48 and 48 x 80): the canvas is
+  one tile (2 x 2-pixel chips at 64 x 64, 2.5 x 1.5 at 80 x 48).
+Every frame carries the same mark. Its strength follows local texture (perceptual masking,
+`masking`) and is normalised so that the RMS change per channel, after rounding and clipping
+to 0..255, equals `strength` levels: PSNR ≈ 48.1 − 20·log10(strength) dB, about 39 dB at the
+default 2.8. On black (or white) half the chips clip away; the others are raised to make up
+(at most MAX_GAIN times), so dark videos keep a mark at the same PSNR.
 
 Why it survives edits (benchmarks/bench_watermark.py measures it):
 - re-encoding, frame drops, frame-rate changes: detection averages luma over all frames, so
@@ -18,35 +25,49 @@ Why it survives edits (benchmarks/bench_watermark.py measures it):
   are large (4 px at 256 x 256), and why detection also retries with frames weighted by their
   own signal-to-noise ratio (intra frames keep the mark best);
 - rescaling: the canvas is defined relative to the frame, and detection resizes the frame to
-  a fixed 128 x 128 analysis grid (2 pixels per chip), so a half-size copy looks the same;
-- content: the residual is spectrally whitened (divided by its smoothed magnitude spectrum).
-  Content piles its energy into few frequencies; the keyed chips spread theirs evenly;
-- cropping: a crop stretches the tile period on the analysis grid and shifts the tiles. The
-  autocorrelation of the residual proposes periods per axis (the tiles repeat, the content
-  does not), the sync statistic picks the best pair, the grid is resampled to the nominal
-  period and folded onto one tile, and the cyclic shift comes from FFT cross-correlation with
-  the keyed chips;
+  a fixed analysis grid of 2 pixels per chip (128 x 128 tiled, 64 x 64 single), so a
+  half-size copy looks the same. It reads every layout the frame is large enough for, so a
+  small video upscaled after the fact is still found;
+- content: the high-passed residual is clipped at RESIDUAL_CLIP robust standard deviations
+  (the hard edges of a bright shape on a flat background are few pixels of huge residual),
+  then spectrally whitened (divided by its smoothed magnitude spectrum). Content piles its
+  energy into few frequencies; the keyed chips spread theirs evenly;
+- cropping (tiled only): a crop stretches the tile period on the analysis grid and shifts the
+  tiles. The autocorrelation of the residual proposes periods per axis (the tiles repeat, the
+  content does not), the sync statistic picks the best pair, the grid is resampled to the
+  nominal period and folded onto one tile, and the cyclic shift comes from FFT
+  cross-correlation with the keyed chips. A single tile has no period to find: small frames
+  do not survive crops;
 - brightness and contrast: whitening divides out any gain, and decoding only uses
   correlation signs and ratios.
 
 Detection reports `detected` only when the CRC checks *and* the sync statistic z (how far the
-best tile alignment stands above all other alignments, in standard deviations) is at least
-`threshold`, default 6.0. The threshold comes from a measured null distribution: on 1,000
-unmarked procedural clips (a third of them H.264-encoded) z had mean 4.19, standard deviation
-0.34, 99th percentile 5.20 and maximum 5.70 (benchmarks/bench_watermark.py prints the run);
-6.0 sits above the maximum, 5.4 standard deviations above the mean. The CRC adds a second,
-independent filter: a chance match is 1 in 65,536 per decode, and detection decodes at most
-four times per video (two alignments, each possibly retried with frame weights).
+best tile alignment stands above all alignments, in standard deviations) is at least the
+layout's threshold: `threshold` (tiled, default 6.0) or `single_threshold` (single, 4.5).
+The single layout takes the best of only the 9 alignments within a pixel of none (there is one
+tile, and rescaling leaves it in place) instead of all 4,096, so its z on unmarked video is
+far lower. The thresholds come from measured null distributions (benchmarks/bench_watermark.py
+prints the runs): on 1,000 unmarked procedural clips at 256 x 256 (a third H.264-encoded),
+tiled z had mean 4.22, standard deviation 0.32, 99th percentile 5.20, maximum 5.58, and single
+z mean 1.16, std 0.70, maximum 3.72; on 1,000 unmarked clips at 64 x 64, 80 x 48 and 48 x 80
+(half shapes-world, half procedural; a third each lossless, CRF 18 and CRF 28), single z mean
+1.19, std 0.71, maximum 3.52, and tiled z (64 x 64 only) maximum 5.23. 6.0 sits 5.6 standard
+deviations above the tiled mean, 4.5 sits 4.7 above the single mean, both above every value
+measured. The CRC adds a second, independent filter: a chance match is 1 in 65,536 per decode,
+and detection decodes at most six times per video (two tiled alignments and one single, each
+possibly retried with frame weights); none of the 2,000 null clips had one.
 
 Keys. `key` seeds every pseudo-random choice; without it nobody can find or forge the mark
 except by brute force. DEFAULT_KEY is public (it is in this file): it shows only that skyloom
 made a video, and anyone can detect or strip it. Deployments set their own key.
 
-Frames must be at least 128 x 128 to embed (2 pixels per chip); detection accepts frames down
-to 64 x 64 (a half-size copy of the smallest markable video). The robustness figures hold
-for videos of 256 x 256 and larger; the more frames, the more robust (the tests use 10).
+Frames must be at least 48 x 48 to embed; detection accepts frames down to 32 x 32 (a
+half-size copy of a 64 x 64 video). The robustness figures of the issue (re-encoding, rescaling,
+cropping, brightness, frame drops, re-timing) hold for videos of 256 x 256 and larger; the more
+frames, the more robust (the tests use 10). At the embedded model's sizes the mark survives
+skyloom's own write (CRF 18), re-encoding at CRF 23, brightness changes, frame drops and
+upscaling, mostly CRF 28, but not CRF 35, crops, or (at 80 x 48 and 48 x 80) half-size copies.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -64,24 +85,53 @@ from skyloom.kinds import WatermarkDetection, Watermarker
 DEFAULT_KEY = "skyloom-public-default-watermark-key"  # public: deployments set their own
 
 PAYLOAD_BYTES = 8
-# Chips of 4 px on a 256 x 256 frame: smaller ones lose too much to H.264's motion-compensated
-# frames (the mark gets dragged along with moving content), larger ones leave too few chips.
-CANVAS_CHIPS = 64  # chips across the frame, in each axis, whatever the frame size
-TILE_CHIPS = 32  # chips per tile side; the canvas holds (64 / 32)² = 4 copies of one tile
-ANALYSIS = 2 * CANVAS_CHIPS  # 128: detection resizes the frame-averaged luma to this square
-PERIOD = 2 * TILE_CHIPS  # 64: nominal tile period on the analysis grid (2 pixels per chip)
-MIN_EMBED_SIDE = 128  # at least 2 pixels per chip
-MIN_DETECT_SIDE = 64
+TILE_CHIPS = 32  # chips per tile side: 1,024 chips carry the 172 coded bits
+PERIOD = 2 * TILE_CHIPS  # 64: the tile period on the analysis grid (2 pixels per chip)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the tile is laid over a frame and read back: the canvas of `canvas_chips` x
+    `canvas_chips` chips (whole tiles) stretched over the whole frame, and the square analysis
+    grid detection resizes frames to, always 2 pixels per chip."""
+
+    name: str
+    canvas_chips: int  # chips across the frame, in each axis, whatever the frame size
+    min_embed_side: int  # smallest frame side that holds the canvas (chips of at least 1.5 px)
+    min_detect_side: int  # smallest frame side detection reads with this layout
+    crop_search: bool  # whether detection searches tile periods (needs repeated tiles)
+    shift_window: int | None  # None: search every cyclic shift; k: only within ±k pixels of none
+
+    @property
+    def analysis(self) -> int:
+        return 2 * self.canvas_chips
+
+
+# Frames of 128 px and more: a 64 x 64-chip canvas, 2 x 2 tiles (chips of 4 px at 256 x 256;
+# smaller ones lose too much to H.264's motion-compensated frames, larger ones leave too few
+# chips); the repeated tiles let detection find crops. Smaller frames (the embedded model
+# makes 64 x 64, 80 x 48 and 48 x 80): one tile over the frame, chips of 1.5 to 4 px.
+TILED = Layout("tiled", canvas_chips=2 * TILE_CHIPS, min_embed_side=128, min_detect_side=64, crop_search=True, shift_window=None)
+SINGLE = Layout("single", canvas_chips=TILE_CHIPS, min_embed_side=48, min_detect_side=32, crop_search=False, shift_window=1)
+LAYOUTS = (TILED, SINGLE)
+MIN_EMBED_SIDE = SINGLE.min_embed_side  # 48
+MIN_DETECT_SIDE = SINGLE.min_detect_side  # 32
+MAX_GAIN = 2.0  # embedding may raise the mark by at most this much to make up for clipping
+
+
+def layout_for(height: int, width: int) -> Layout:
+    """The layout `embed` uses for frames of this size."""
+    return TILED if min(height, width) >= TILED.min_embed_side else SINGLE
+
 
 # Crops that keep 72% to 100% of a side, and mild zoom-outs (103%), stretch the tile period on
 # the analysis grid to PERIOD / kept-fraction; detection searches that range per axis.
 PERIOD_RANGE = (PERIOD / 1.03, PERIOD / 0.72)
 PERIOD_STEP = 0.1
 
-# The sync statistic z on unmarked video (benchmarks/bench_watermark.py, 1,000 clips): mean
-# 4.19, standard deviation 0.34, maximum 5.70. It sets the default threshold (6.0) and the
-# confidence scale.
-NULL_Z_STD = 0.34
+# Standard deviation of each layout's sync statistic z on unmarked video (the module docstring
+# gives the runs): the confidence scale.
+NULL_Z_STD = {"tiled": 0.32, "single": 0.70}
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601; the weights sum to 1, so adding d to R, G, B adds d to Y
 
@@ -223,17 +273,23 @@ class SpreadSpectrumReading:
     period: tuple[float, float]  # tile period found on the analysis grid (rows, columns)
     shift: tuple[int, int]  # cyclic tile shift found, in analysis pixels (rows, columns)
     soft_bits: np.ndarray  # (CODED_BITS,) correlations behind each coded bit
+    layout: str  # the layout read: "tiled" or "single"
 
 
 class SpreadSpectrumWatermarker(Watermarker):
     """Embeds a 64-bit payload in luma and detects it after re-encoding, rescaling, cropping,
-    brightness changes and frame drops.
+    brightness changes and frame drops. Frames of at least 48 x 48 carry it (the embedded
+    model's 64 x 64, 80 x 48 and 48 x 80 included); crops are survived from 128 x 128 up.
 
     key: secret that seeds the chip signs and layout (DEFAULT_KEY is public).
     strength: RMS change per RGB channel in levels; PSNR ≈ 48.1 − 20·log10(strength) dB
         (2.8 -> about 39 dB; keep it ≤ 3.1 for PSNR ≥ 38). Stronger survives more.
-    threshold: the sync statistic z a detection needs besides a valid CRC; 6.0 sits above
-        the highest z measured on 1,000 unmarked clips (5.70; mean 4.19, std 0.34).
+    threshold: the sync statistic z a detection needs besides a valid CRC, for frames marked
+        tiled (128 px and more); 6.0 sits above the highest z measured on 1,000 unmarked
+        clips (5.58; mean 4.22, std 0.32).
+    single_threshold: the same for the single-tile layout of smaller frames, which searches
+        9 alignments instead of 4,096; 4.5 sits above the highest z measured on 2,000 unmarked
+        clips, 1,000 of them at the embedded model's sizes (3.72; mean 1.18, std 0.70).
     masking: 0 spreads the mark evenly; 1 scales it with the square root of local texture
         (less in flat areas, more in busy ones) at the same overall PSNR. The default 0.5 is
         half way: the even mark survives H.264 slightly better, the masked one hides better.
@@ -243,7 +299,8 @@ class SpreadSpectrumWatermarker(Watermarker):
 
     payload_bytes = PAYLOAD_BYTES
 
-    def __init__(self, key: str | bytes = DEFAULT_KEY, strength: float = 2.8, threshold: float = 6.0, masking: float = 0.5):
+    def __init__(self, key: str | bytes = DEFAULT_KEY, strength: float = 2.8, threshold: float = 6.0, masking: float = 0.5,
+                 single_threshold: float = 4.5):
         if isinstance(key, str):
             key = key.encode("utf-8")
         if not isinstance(key, bytes) or not key:
@@ -252,11 +309,13 @@ class SpreadSpectrumWatermarker(Watermarker):
             raise ValueError(f"strength must be in (0, 10] levels RMS, got {strength} (2.5 gives PSNR ≈ 40 dB)")
         if not (0 <= float(masking) <= 1):
             raise ValueError(f"masking must be in [0, 1], got {masking}")
-        if float(threshold) <= 0:
-            raise ValueError(f"threshold must be positive, got {threshold}")
+        for name, value in (("threshold", threshold), ("single_threshold", single_threshold)):
+            if float(value) <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.key = key
         self.strength = float(strength)
         self.threshold = float(threshold)
+        self.single_threshold = float(single_threshold)
         self.masking = float(masking)
         rng = np.random.default_rng(np.frombuffer(hashlib.sha256(b"skyloom-ss/" + key).digest(), dtype=np.uint32))
         chips = TILE_CHIPS * TILE_CHIPS
@@ -265,7 +324,8 @@ class SpreadSpectrumWatermarker(Watermarker):
         self._bit_of_chip = rng.permutation(chips) % CODED_BITS
 
     def __repr__(self) -> str:
-        return f"SpreadSpectrumWatermarker(strength={self.strength}, threshold={self.threshold}, masking={self.masking})"
+        return (f"SpreadSpectrumWatermarker(strength={self.strength}, threshold={self.threshold}, "
+                f"single_threshold={self.single_threshold}, masking={self.masking})")
 
     # -- the pattern ---------------------------------------------------------------------------
 
@@ -277,9 +337,9 @@ class SpreadSpectrumWatermarker(Watermarker):
         return (self._signs * (2.0 * coded[self._bit_of_chip] - 1.0)).reshape(TILE_CHIPS, TILE_CHIPS)
 
     def pattern(self, payload: bytes, height: int, width: int) -> torch.Tensor:
-        """(height, width) float32 mark, unit RMS, before masking: the tiled canvas stretched
-        bilinearly over the frame."""
-        reps = CANVAS_CHIPS // TILE_CHIPS
+        """(height, width) float32 mark, unit RMS, before masking: the canvas of the frame
+        size's layout (`layout_for`) stretched bilinearly over the frame."""
+        reps = layout_for(height, width).canvas_chips // TILE_CHIPS
         canvas = torch.from_numpy(np.tile(self.tile(payload), (reps, reps))).to(torch.float32)
         pattern = F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         return pattern / pattern.square().mean().sqrt()
@@ -304,28 +364,47 @@ class SpreadSpectrumWatermarker(Watermarker):
     # -- embedding -----------------------------------------------------------------------------
 
     def embed(self, frames: torch.Tensor, payload: bytes) -> torch.Tensor:
-        """(T, H, W, 3) uint8, H and W ≥ 128 -> the same frames carrying `payload` (8 bytes)."""
+        """(T, H, W, 3) uint8, H and W ≥ 48 -> the same frames carrying `payload` (8 bytes)."""
         frames = _validate_frames(frames, MIN_EMBED_SIDE, "embed")
         payload = self._check_payload(payload)
         t, h, w, _ = frames.shape
         pattern = self.pattern(payload, h, w)  # (H, W)
+        analysis = layout_for(h, w).analysis
         out = torch.empty_like(frames)
         chunk = max(1, int(2**24 // (h * w)))  # bound the float working set to ~16M pixels
         for start in range(0, t, chunk):
             block = frames[start : start + chunk]
-            mark = pattern * self._mask(_luma(block))  # (t, 1, H, W)
+            mark = pattern * self._mask(_luma(block), analysis)  # (t, 1, H, W)
             rms = mark.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-8)
             delta = (self.strength * mark / rms)[:, 0, :, :, None]  # (t, H, W, 1), RMS = strength
-            out[start : start + chunk] = (block.to(torch.float32) + delta).round_().clamp_(0, 255).to(torch.uint8)
+            out[start : start + chunk] = self._add_clipped(block, delta)
         return out
 
-    def _mask(self, luma: torch.Tensor) -> torch.Tensor:
+    def _add_clipped(self, block: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """block + gain · delta, rounded and clipped to 0..255, with a gain per frame (within
+        1 / MAX_GAIN .. MAX_GAIN) that brings the RMS change per channel back to `strength`.
+        Clipping takes half the chips on black (or white): the other half, raised, still carry
+        the mark (detection's high-pass removes the offset this leaves), so dark videos keep
+        their mark at the same PSNR. Rounding to whole levels moves the RMS a little too."""
+        base = block.to(torch.float32)
+        gain = torch.ones(block.shape[0], 1, 1, 1)
+        best, best_error = base, torch.full((block.shape[0], 1, 1, 1), math.inf)
+        for _ in range(4):
+            marked = (base + gain * delta).round_().clamp_(0, 255)
+            rms = (marked - base).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            error = (rms - self.strength).abs()
+            better = error < best_error  # (t, 1, 1, 1): keep each frame's closest try
+            best, best_error = torch.where(better, marked, best), torch.where(better, error, best_error)
+            gain = (gain * self.strength / rms.clamp_min(1e-8)).clamp(1 / MAX_GAIN, MAX_GAIN)
+        return best.to(torch.uint8)
+
+    def _mask(self, luma: torch.Tensor, analysis: int) -> torch.Tensor:
         """(t, 1, H, W) luma -> (t, 1, H, W) positive weights: local texture ** (masking / 2)."""
         if self.masking == 0:
             return torch.ones_like(luma)
         # Texture at pixel scale (so fine detail counts), pooled on the chip-scale grid.
         detail = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        energy = _resize(detail.square(), (2 * CANVAS_CHIPS, 2 * CANVAS_CHIPS))
+        energy = _resize(detail.square(), (analysis, analysis))
         texture = _gaussian_blur(energy, 2.0).clamp_min(0).sqrt()  # local RMS detail, levels
         weight = (texture + 2.0) ** (0.5 * self.masking)  # +2 levels: flat areas still carry some
         return F.interpolate(weight, size=luma.shape[-2:], mode="bilinear", align_corners=False)
@@ -333,40 +412,65 @@ class SpreadSpectrumWatermarker(Watermarker):
     # -- detection -----------------------------------------------------------------------------
 
     def detect(self, frames: torch.Tensor) -> WatermarkDetection:
-        """Look for the mark in (T, H, W, 3) uint8 frames, H and W ≥ 64."""
+        """Look for the mark in (T, H, W, 3) uint8 frames, H and W ≥ 32."""
         reading = self.read(frames)
-        detected = reading.crc_ok and reading.z >= self.threshold
+        detected = self._passes(reading)
         return WatermarkDetection(detected=detected, payload=reading.payload if detected else None, confidence=self._confidence(reading))
 
     def _confidence(self, reading: SpreadSpectrumReading) -> float:
-        """A logistic in z, centred on the threshold, one null standard deviation (0.34) wide:
-        about 0.005 for a typical unmarked video (z ≈ 4.2), 0.5 at the threshold, above 0.99
-        at z ≥ threshold + 1.6. A failed CRC caps it at 0.5 (mark-like, but no valid payload)."""
-        confidence = float(1 / (1 + math.exp(-(reading.z - self.threshold) / NULL_Z_STD)))
+        """A logistic in z, centred on the layout's threshold, one null standard deviation of
+        that layout wide (NULL_Z_STD: 0.32 tiled, 0.70 single): under 0.01 for a typical
+        unmarked video, 0.5 at the threshold, above 0.99 at z ≥ threshold + 4.6 standard
+        deviations. A failed CRC caps it at 0.5 (mark-like, but no valid payload)."""
+        confidence = float(1 / (1 + math.exp(-(reading.z - self._threshold(reading)) / NULL_Z_STD[reading.layout])))
         return confidence if reading.crc_ok else min(confidence, 0.5)
 
+    def _threshold(self, reading: SpreadSpectrumReading) -> float:
+        return self.threshold if reading.layout == TILED.name else self.single_threshold
+
+    def _passes(self, reading: SpreadSpectrumReading) -> bool:
+        """A valid CRC and a sync statistic at or above its layout's threshold."""
+        return reading.crc_ok and reading.z >= self._threshold(reading)
+
     def read(self, frames: torch.Tensor) -> SpreadSpectrumReading:
-        """Measure everything detection needs: sync, period, shift and the decoded payload."""
+        """The reading `detect` goes by: one that detects if any does, else the most confident."""
+        return max(self.readings(frames), key=lambda r: (self._passes(r), self._confidence(r)))
+
+    def readings(self, frames: torch.Tensor) -> list[SpreadSpectrumReading]:
+        """Every reading detection makes (sync, period, shift, decoded payload): per layout the
+        frames are large enough for, whatever layout their size would get when embedding (a
+        rescaled copy may carry either), one per tile period tried."""
         frames = _validate_frames(frames, MIN_DETECT_SIDE, "detect")
-        groups = _frame_groups(frames)  # (G, 1, A, A) luma, consecutive frames averaged
+        side = min(frames.shape[1], frames.shape[2])
+        return [r for layout in LAYOUTS if side >= layout.min_detect_side for r in self._read_layout(frames, layout)]
+
+    def _read_layout(self, frames: torch.Tensor, layout: Layout) -> list[SpreadSpectrumReading]:
+        groups = _frame_groups(frames, layout.analysis)  # (G, 1, A, A) luma, consecutive frames averaged
         residual = _whiten(groups.mean(dim=0, keepdim=True))[0, 0]  # (A, A) mark + leftover content
         group_residuals = _whiten(groups)[:, 0] if groups.shape[0] > 1 else None  # (G, A, A)
+        if not layout.crop_search:  # one tile: nothing repeats, so only the nominal period
+            return [self._read_at(residual, group_residuals, (float(PERIOD), float(PERIOD)), layout)]
         # Tile periods: the autocorrelation proposes a few per axis, the sync statistic picks
         # the two best pairs, and those two are decoded.
         pairs = [(py, px) for py in self._period_candidates(residual.T) for px in self._period_candidates(residual)]
-        best = sorted(pairs, key=lambda period: -self._sync(residual, period)[0])[:2]
-        readings = [self._read_at(residual, group_residuals, period) for period in best]
-        # Prefer a reading whose CRC checks; among those (or among all), the strongest sync.
-        return max(readings, key=lambda r: (r.crc_ok and r.z >= self.threshold, r.z))
+        best = sorted(pairs, key=lambda period: -self._sync(residual, period, None)[0])[:2]
+        return [self._read_at(residual, group_residuals, period, layout) for period in best]
 
-    def _sync(self, residual: torch.Tensor, period: tuple[float, float]):
-        """-> (z, shift, per-bit correlations at that shift, fold matrices) for one period pair."""
+    def _sync(self, residual: torch.Tensor, period: tuple[float, float], window: int | None):
+        """-> (z, shift, per-bit correlations at that shift, fold matrices) for one period pair;
+        the shift is the best of all (window None) or of those within ±window pixels of none."""
         rows, cols = _fold_matrix(residual.shape[0], period[0]), _fold_matrix(residual.shape[1], period[1])
         folded = rows.T @ residual @ cols  # (PERIOD, PERIOD): every tile summed onto one
         # Correlation of every coded bit's chips with the folded tile, at every cyclic shift.
         corr = torch.fft.irfft2(torch.fft.rfft2(folded)[None] * self._reference_spectra, s=(PERIOD, PERIOD))  # (bits, P, P)
         sync = corr.abs().sum(dim=0)  # large where all bits correlate strongly, whatever their sign
-        best = int(torch.argmax(sync))
+        if window is None:
+            best = int(torch.argmax(sync))
+        else:
+            near = torch.arange(-window, window + 1) % PERIOD
+            local = sync[near[:, None], near[None, :]]
+            row, col = divmod(int(torch.argmax(local)), len(near))
+            best = int(near[row]) * PERIOD + int(near[col])
         z = float((sync.view(-1)[best] - sync.mean()) / sync.std().clamp_min(1e-12))
         dy, dx = divmod(best, PERIOD)
         return z, (dy, dx), corr[:, dy, dx].numpy(), (rows, cols)
@@ -399,8 +503,9 @@ class SpreadSpectrumWatermarker(Watermarker):
             chosen.append(float(PERIOD))
         return chosen
 
-    def _read_at(self, residual: torch.Tensor, group_residuals: torch.Tensor | None, period: tuple[float, float]) -> SpreadSpectrumReading:
-        z, (dy, dx), soft, (rows, cols) = self._sync(residual, period)
+    def _read_at(self, residual: torch.Tensor, group_residuals: torch.Tensor | None, period: tuple[float, float],
+                 layout: Layout) -> SpreadSpectrumReading:
+        z, (dy, dx), soft, (rows, cols) = self._sync(residual, period, layout.shift_window)
         payload, crc_ok = _decode(soft)
         if not crc_ok and group_residuals is not None:
             # Re-encoding keeps the mark far better in some frames (intra frames) than in
@@ -412,7 +517,7 @@ class SpreadSpectrumWatermarker(Watermarker):
             retry, retry_ok = _decode(combined)
             if retry_ok:
                 payload, crc_ok, soft = retry, True, combined
-        return SpreadSpectrumReading(payload, crc_ok, z, period, (dy, dx), soft)
+        return SpreadSpectrumReading(payload, crc_ok, z, period, (dy, dx), soft, layout.name)
 
     def _check_payload(self, payload) -> bytes:
         if not isinstance(payload, (bytes, bytearray)):
@@ -423,20 +528,24 @@ class SpreadSpectrumWatermarker(Watermarker):
 
 
 MAX_GROUPS = 32  # detection averages consecutive frames into at most this many groups
+RESIDUAL_CLIP = 2.0  # residual values beyond this many robust standard deviations are clipped
+# Levels: the smallest robust standard deviation clipping uses. Unmarked flat video, lossless,
+# has almost none, and clipping its content to a sliver leaves edge patterns that sync by chance.
+RESIDUAL_FLOOR = 0.5
 
 
-def _frame_groups(frames: torch.Tensor) -> torch.Tensor:
+def _frame_groups(frames: torch.Tensor, analysis: int) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (G, 1, A, A) float64 mean luma of G ≤ MAX_GROUPS runs of frames,
-    resized to the analysis grid (resizing and averaging commute, so this is cheap and exact)."""
+    resized to the A x A analysis grid (resizing and averaging commute, so this is cheap and exact)."""
     t, h, w, _ = frames.shape
     groups = min(t, MAX_GROUPS)
     bounds = np.linspace(0, t, groups + 1).round().astype(int)
     chunk = max(1, int(2**24 // (h * w)))
-    out = torch.zeros(groups, 1, ANALYSIS, ANALYSIS, dtype=torch.float64)
+    out = torch.zeros(groups, 1, analysis, analysis, dtype=torch.float64)
     for g in range(groups):
         for start in range(bounds[g], bounds[g + 1], chunk):
             stop = min(start + chunk, bounds[g + 1])
-            out[g] += _resize(_luma(frames[start:stop]), (ANALYSIS, ANALYSIS)).sum(dim=0).to(torch.float64)
+            out[g] += _resize(_luma(frames[start:stop]), (analysis, analysis)).sum(dim=0).to(torch.float64)
         out[g] /= bounds[g + 1] - bounds[g]
     return out
 
@@ -446,6 +555,10 @@ def _whiten(luma: torch.Tensor) -> torch.Tensor:
     luma = luma.to(torch.float32)
     # High-pass: the mark is white at chip scale; the content is mostly smoother.
     residual = luma - _gaussian_blur(luma, 3.0)
+    # Clip at RESIDUAL_CLIP robust standard deviations: hard edges (a bright shape on black)
+    # are few pixels of huge residual that would otherwise outweigh the mark everywhere else.
+    sigma = (1.4826 * residual.abs().flatten(1).median(dim=1).values).clamp_min(RESIDUAL_FLOOR).view(-1, 1, 1, 1)
+    residual = torch.clamp(residual, -RESIDUAL_CLIP * sigma, RESIDUAL_CLIP * sigma)
     # Spectral whitening: divide by the (3 x 3-smoothed) magnitude spectrum. Content piles its
     # energy into few frequencies (gratings, edges, gradients); the keyed chips spread theirs
     # evenly, so flattening the spectrum removes far more content than mark.
