@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,15 +105,25 @@ def write_and_return(root, index):
 # --- the embedded default ------------------------------------------------------------------
 
 
-def test_default_bundle_index_is_valid_and_untrained(registry):
+def test_default_bundle_is_the_committed_recipes_trained_output(registry):
     index = read_index(DEFAULT_MODEL_DIR)
-    assert index["trained"] is False
+    assert index["trained"] is True
     assert index["text_encoder"]["plugin"] == "minilm"
     assert index["transformer"]["config"]["text_dim"] == 384
     assert index["video_autoencoder"]["plugin"] == "causal3d"
     assert index["transformer"]["config"]["in_channels"] == index["video_autoencoder"]["config"]["latent_channels"]
     assert {"sampler", "steps", "guidance", "frames", "width", "height", "fps"} <= set(index["defaults"])
-    assert not list(DEFAULT_MODEL_DIR.glob("*.safetensors"))  # untrained: no weight files shipped yet
+    weights = sorted(p.name for p in DEFAULT_MODEL_DIR.glob("*.safetensors"))
+    assert weights == ["transformer.safetensors", "video_autoencoder.safetensors"]
+    assert sum((DEFAULT_MODEL_DIR / name).stat().st_size for name in weights) < 30 * 2**20  # the size cap
+    # Exactly what `skyloom train` wrote from the committed config: its config and log travel with it.
+    from skyloom.training import load_config
+
+    recorded = json.loads((DEFAULT_MODEL_DIR / index["training"]["config"]).read_text())
+    assert recorded == json.loads(json.dumps(load_config(Path(__file__).parents[1] / "configs" / "skyloom-tiny-shapes.json")))
+    log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / index["training"]["log"]).read_text().splitlines()]
+    last = {entry["stage"]: entry["step"] for entry in log}
+    assert last == {"autoencoder": recorded["autoencoder_training"]["steps"], "transformer": recorded["transformer_training"]["steps"]}
 
 
 def test_default_bundle_builds_and_generates_the_default_shape(registry):
@@ -120,7 +131,7 @@ def test_default_bundle_builds_and_generates_the_default_shape(registry):
     d = bundle.defaults
     vae, dit = bundle.video_autoencoder, bundle.transformer
     c, t, h, w = vae.latent_shape(d["frames"], d["height"], d["width"])
-    assert (c, t, h, w) == (8, 5, 8, 8)
+    assert (c, t, h, w) == (16, 5, 8, 8)
     text = bundle.text_encoder.encode(["a cat", ""])
     with torch.no_grad():
         v = dit(torch.randn(2, c, t, h, w), torch.full((2,), 0.5), text.tokens, text.mask)

@@ -85,10 +85,23 @@ def test_generate_writes_the_requested_frames_and_size(tmp_path, name, frames, s
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-def test_untrained_model_says_so(tmp_path):
-    result = invoke("generate", "a red circle", "-o", str(tmp_path / "x.mp4"), "--frames", "1", "--size", "64x64", "--steps", "1")
+def test_untrained_model_says_so_and_the_trained_one_does_not(tmp_path):
+    from skyloom.bundle import DEFAULT_MODEL_DIR
+
+    index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    index["trained"] = False  # the same architecture, initialised from init_seed
+    for part in ("video_autoencoder", "transformer"):
+        index[part].pop("weights"), index[part].pop("dtype")
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "model_index.json").write_text(json.dumps(index))
+    args = ["generate", "a red circle", "--frames", "1", "--size", "64x64", "--steps", "1"]
+    result = invoke(*args, "-o", str(tmp_path / "x.mp4"), "--model", str(untrained))
     assert result.exit_code == 0, result.output
     assert "is untrained (random weights)" in result.stderr
+    result = invoke(*args, "-o", str(tmp_path / "y.mp4"))
+    assert result.exit_code == 0, result.output
+    assert "is untrained" not in result.stderr
 
 
 def test_plugins_json_lists_builtins_with_kinds():

@@ -74,7 +74,7 @@ def test_record_names_plugins_and_versions(pipe):
     assert record["plugins"]["sampler"][0] == {"name": "euler", "package": "skyloom", "version": "0.1.0"}
     assert record["plugins"]["text_encoder"][0]["name"] == "minilm"
     assert record["plugins"]["safety_filter"] == [{"name": "RefuseWord", "package": "tests", "version": "", "injected": True}]
-    assert record["model"]["trained"] is False and len(record["model"]["hash"]) == 64
+    assert record["model"]["trained"] is True and len(record["model"]["hash"]) == 64
 
 
 def test_refusal_stops_the_request_and_is_audited(pipe):
