@@ -273,6 +273,11 @@ def load_bundle(
 # --- writing -------------------------------------------------------------------------------
 
 
+def safetensors_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state as safetensors takes it: CPU copies, contiguous, no shared storage."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
 def save_bundle(
     path: str | os.PathLike, index: dict, components: dict[str, nn.Module], *, extra_files: dict[str, bytes] | None = None
 ) -> Path:
@@ -304,9 +309,7 @@ def save_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         for name, module in components.items():
-            # Clone: safetensors refuses tensors that share storage, and wants them contiguous.
-            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-            save_file(state, str(staging / f"{name}.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and the hash covers the bytes
+            save_file(safetensors_state(module), str(staging / f"{name}.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and the hash covers the bytes
         for name, data in extra_files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)

@@ -49,10 +49,9 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from skyloom.atomic_write import write_atomic
-from skyloom.bundle import FORMAT, FORMAT_VERSION, save_bundle
+from skyloom.bundle import FORMAT, FORMAT_VERSION, safetensors_state, save_bundle
 from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
 from skyloom.sampling import resolution_shift, shift_time
 from skyloom.transformer import DiTConfig, SpacetimeDiT
@@ -101,7 +100,7 @@ DEFAULTS = {
     "name": "skyloom-model",
     "seed": 0,
     "device": "auto",  # auto: cuda when available
-    "mixed_precision": "auto",  # bf16 | fp16 | no; auto: bf16 on CUDA, none on the CPU
+    "mixed_precision": "auto",  # bf16 | no; auto: bf16 on CUDA, none on the CPU (fp16 would need loss scaling)
     "gradient_checkpointing": "auto",  # true | false; auto: on CUDA only
     "weights_dtype": "float16",  # dtype the bundle's weights are stored in
     "output": None,  # the bundle directory (relative to the config file); --out overrides
@@ -166,8 +165,8 @@ def check_config(config: dict, where: str = "config") -> None:
             raise TrainingError(f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional)}}, got {shapes!r}")
     _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
     _check_int(config["seed"], f"{where}: seed", 0)
-    if config["mixed_precision"] not in ("auto", "bf16", "fp16", "no"):
-        raise TrainingError(f"{where}: mixed_precision must be auto, bf16, fp16 or no, got {config['mixed_precision']!r}")
+    if config["mixed_precision"] not in ("auto", "bf16", "no"):
+        raise TrainingError(f"{where}: mixed_precision must be auto, bf16 or no (fp16 would need loss scaling), got {config['mixed_precision']!r}")
     if config["gradient_checkpointing"] not in ("auto", True, False):
         raise TrainingError(f"{where}: gradient_checkpointing must be true, false or \"auto\", got {config['gradient_checkpointing']!r}")
     if config["weights_dtype"] not in ("float32", "float16", "bfloat16"):
@@ -393,7 +392,6 @@ class Stage:
     settings: dict
     batches: BucketBatches
     loss: Callable[[list[int], torch.Generator], torch.Tensor]  # batch indices, rng -> scalar loss
-    samples: Callable[[list[int]], int]  # clips in a batch (for the throughput in the log)
 
 
 def run_stage(stage: Stage, run: "Run") -> nn.Module:
@@ -434,7 +432,7 @@ def run_stage(stage: Stage, run: "Run") -> nn.Module:
             optimizer.step()
             ema.update(module, step)
             step += 1
-            window_samples += stage.samples(indices)
+            window_samples += len(indices)
             bar.update(1)
             if step % settings["log_every"] == 0 or step == total:
                 now = time.perf_counter()
@@ -503,7 +501,7 @@ class Run:
         if mode == "no":
             yield
             return
-        with torch.autocast(self.device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             yield
 
     # -- log ---------------------------------------------------------------------------------
@@ -549,8 +547,8 @@ class Run:
         target = root / f"{stage}-{step:07d}"
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
         try:
-            save_file(_state(module), str(staging / "model.safetensors"))
-            save_file(_state(ema), str(staging / "ema.safetensors"))
+            save_file(safetensors_state(module), str(staging / "model.safetensors"))
+            save_file(safetensors_state(ema), str(staging / "ema.safetensors"))
             tensors, groups = _flatten_optimizer(optimizer)
             tensors["rng.train"] = self.generator.get_state()
             tensors["rng.torch"] = torch.get_rng_state()
@@ -605,7 +603,7 @@ class Run:
         target = self.dir / AUTOENCODER_DIR
         staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", dir=self.dir))
         try:
-            save_file(_state(vae), str(staging / "weights.safetensors"))
+            save_file(safetensors_state(vae), str(staging / "weights.safetensors"))
             stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _config_hash(self.config)}
             (staging / "latent_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
             os.replace(staging, target)
@@ -629,10 +627,6 @@ class Run:
             raise TrainingError(f"{target} was trained with another config; delete it or use a new --run-dir")
         _load_exact(vae, tensors, target / "weights.safetensors")
         return float(stats["shift_factor"]), float(stats["scaling_factor"])
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def _load_exact(module: nn.Module, tensors: dict, path: Path) -> None:
@@ -845,7 +839,7 @@ def train(
         _say(f"autoencoder: training to step {ae_settings['steps']}")
         stage = Stage(
             "autoencoder", vae, ae_settings, BucketBatches(buckets, ae_settings["batch_size"], config["seed"]),
-            _autoencoder_loss(vae, clips, ae_settings, device), len,
+            _autoencoder_loss(vae, clips, ae_settings, device),
         )
         vae = run_stage(stage, run)
         raw = encode_latents(vae, clips, device, progress)
@@ -885,7 +879,7 @@ def train(
     _say(f"transformer ({sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters): training to step {dit_settings['steps']}")
     stage = Stage(
         "transformer", dit, dit_settings, BucketBatches(buckets, dit_settings["batch_size"], config["seed"] + 1),
-        _transformer_loss(dit, text_encoder, latents, clips, dit_settings, config, base_tokens, device), len,
+        _transformer_loss(dit, text_encoder, latents, clips, dit_settings, config, base_tokens, device),
     )
     dit_ema = run_stage(stage, run)
 

@@ -173,6 +173,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
         ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+        ({"mixed_precision": "fp16"}, "fp16 would need loss scaling"),
         ({"autoencoder_training": {"foreground_weight": 0.5}}, "foreground_weight must be a number >= 1"),
     ],
 )
