@@ -381,7 +381,7 @@ def _percent(right: int, total: int) -> float | None:
     return round(100.0 * right / total, 2) if total else None
 
 
-def _metrics(records: list[dict]) -> dict:
+def aggregate(records: list[dict]) -> dict:
     """Accuracies (percent; None with nothing to count), their [right, of] counts, flicker, extras."""
     objects = [o for r in records for o in r["score"]["objects"]]
     bound = [r["score"]["bound"] for r in records if r["score"]["bound"] is not None]
@@ -429,9 +429,9 @@ def summarise(
             "held_out": [r for r in mine if by_prompt[r["prompt"]].held_out],
             "seen": [r for r in mine if not by_prompt[r["prompt"]].held_out],
         }
-        entry = {"width": setting[0], "height": setting[1], "frames": setting[2], **_metrics(mine)}
+        entry = {"width": setting[0], "height": setting[1], "frames": setting[2], **aggregate(mine)}
         entry["seconds_per_clip"] = round(float(np.mean([r["seconds"] for r in mine])), 4) if mine else None
-        entry["subsets"] = {name: _metrics(rs) for name, rs in subsets.items()}
+        entry["subsets"] = {name: aggregate(rs) for name, rs in subsets.items()}
         entry["targets"] = {
             name: {"target": target, "met": None if entry["metrics"][name] is None else entry["metrics"][name] >= target}
             for name, target in targets_for(setting).items()

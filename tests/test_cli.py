@@ -29,7 +29,7 @@ def test_help_lists_the_commands():
     "args, message",
     [
         (["--size", "64"], "size '64' is not WIDTHxHEIGHT"),
-        (["--size", "60x64"], "width 60 is not a multiple of 8"),
+        (["--size", "62x64"], "width 62 is not a multiple of 4"),
         (["--frames", "0"], "frames must be between 1 and"),
         (["--steps", "0"], "steps must be between 1 and 1000"),
         (["--sampler", "warp-drive"], "unknown sampler 'warp-drive'; valid names: ddim, ddpm, dpmpp-2m, euler, heun"),

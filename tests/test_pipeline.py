@@ -115,7 +115,7 @@ def test_batch_runs_each_request_with_its_own_seed(pipe):
 
 
 def test_a_bad_request_in_a_batch_fails_before_any_work(pipe):
-    with pytest.raises(ValueError, match="width 30 is not a multiple of 8"):
+    with pytest.raises(ValueError, match="width 30 is not a multiple of 4"):
         pipe([small("a forbidden thing"), small(width=30)])  # the refusal would come first if it ran
 
 
