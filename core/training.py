@@ -604,7 +604,10 @@ class Run:
         staging = Path(tempfile.mkdtemp(prefix=".autoencoder.", dir=self.dir))
         try:
             save_file(safetensors_state(vae), str(staging / "weights.safetensors"))
-            stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _config_hash(self.config)}
+            # The random streams as the stage left them, so the transformer stage draws the same
+            # numbers whether it follows in this process, after a restart, or in another run.
+            save_file({"rng.train": self.generator.get_state(), "rng.torch": torch.get_rng_state()}, str(staging / "rng.safetensors"))
+            stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _autoencoder_config_hash(self.config)}
             (staging / "latent_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
             os.replace(staging, target)
         finally:
@@ -621,11 +624,17 @@ class Run:
         try:
             stats = json.loads((target / "latent_stats.json").read_text(encoding="utf-8"))
             tensors = load_file(str(target / "weights.safetensors"))
-        except (OSError, ValueError, SafetensorError) as error:
+            rng = load_file(str(target / "rng.safetensors"))
+            train_rng, torch_rng = rng["rng.train"], rng["rng.torch"]
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise TrainingError(f"{target} is unreadable ({error}); delete it to retrain the autoencoder") from None
-        if stats.get("config_sha256") != _config_hash(self.config):
-            raise TrainingError(f"{target} was trained with another config; delete it or use a new --run-dir")
+        if stats.get("config_sha256") != _autoencoder_config_hash(self.config):
+            raise TrainingError(
+                f"{target} was trained with other data or autoencoder settings; delete it or use a new --run-dir"
+            )
         _load_exact(vae, tensors, target / "weights.safetensors")
+        self.generator.set_state(train_rng)
+        torch.set_rng_state(torch_rng)
         return float(stats["shift_factor"]), float(stats["scaling_factor"])
 
 
@@ -657,6 +666,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 def _config_hash(config: dict) -> str:
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
+
+
+# What the autoencoder stage reads. Its finished result (autoencoder/) serves any config that
+# agrees on these, so a new transformer recipe can start from a trained autoencoder.
+AUTOENCODER_KEYS = ("seed", "device", "mixed_precision", "data", "video_autoencoder", "autoencoder_training")
+
+
+def _autoencoder_config_hash(config: dict) -> str:
+    return _config_hash({key: config[key] for key in AUTOENCODER_KEYS})
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -703,18 +721,41 @@ def _autoencoder_loss(vae, clips: list[Clip], settings: dict, device) -> Callabl
     return loss
 
 
+ENCODE_BATCH = 16  # clips of REFERENCE_FRAMES frames encoded together (scaled for other durations)
+
+
 @torch.no_grad()
 def encode_latents(vae, clips: list[Clip], device, progress: bool) -> list[torch.Tensor]:
-    """Each clip's posterior mean, raw (before normalisation), on the CPU. The transformer learns
-    the means: with a small KL, channels the autoencoder leaves unused are prior noise, which a
-    posterior sample would hand the transformer to model for nothing."""
+    """Each clip's posterior mean, raw (before normalisation), on the CPU, in the clips' order.
+    The transformer learns the means: with a small KL, channels the autoencoder leaves unused are
+    prior noise, which a posterior sample would hand the transformer to model for nothing. Clips
+    are encoded in batches of one bucket: 3.6x as fast as one at a time (180 clips, two CPU cores)."""
     from tqdm import tqdm
 
-    out = []
-    for clip in tqdm(clips, desc="encoding latents", unit="clip", disable=not progress, file=sys.stderr):
-        mean, _ = vae.encode_distribution(_pixels([clip], [0], device))
-        out.append(mean[0].float().cpu())
+    members: dict[tuple, list[int]] = {}
+    for index, clip in enumerate(clips):
+        members.setdefault(clip.bucket, []).append(index)
+    out: list[torch.Tensor | None] = [None] * len(clips)
+    with tqdm(total=len(clips), desc="encoding latents", unit="clip", disable=not progress, file=sys.stderr) as bar:
+        for bucket, indices in sorted(members.items()):
+            size = max(1, round(ENCODE_BATCH * REFERENCE_FRAMES / bucket[2]))
+            for start in range(0, len(indices), size):
+                batch = indices[start : start + size]
+                mean, _ = vae.encode_distribution(_pixels(clips, batch, device))  # (b, C', T', H', W')
+                for index, row in zip(batch, mean.float().cpu()):
+                    out[index] = row.clone()  # its own storage, not a view of the batch
+                bar.update(len(batch))
     return out
+
+
+def keep_every_caption(text_encoder, clips: list[Clip]) -> None:
+    """Let a caching text encoder (one with `cache_size`) keep every caption, and the empty prompt
+    of text dropout, once encoded. Each step draws its captions from this fixed set; encoding
+    them again every time (MiniLM: 0.18 s per 32 on two CPU cores) cost about a quarter of a CPU
+    step. 24,000 captions at MiniLM's 64 tokens take about 2.4 GB."""
+    if hasattr(text_encoder, "cache_size"):
+        distinct = {caption for clip in clips for caption in clip.captions} | {""}
+        text_encoder.cache_size = max(text_encoder.cache_size, len(distinct))
 
 
 def _condition_masks(kinds: list[str], weights: torch.Tensor, batch: int, frames: int, generator) -> torch.Tensor:
@@ -848,6 +889,7 @@ def train(
         run.save_autoencoder(vae, *stats)
         _say(f"autoencoder done; latent shift {stats[0]:.4f}, scale {stats[1]:.4f}")
     else:
+        _say(f"autoencoder: trained already ({run.dir / AUTOENCODER_DIR}); encoding the latents")
         raw = encode_latents(vae.eval(), clips, device, progress)
     vae.config.shift_factor, vae.config.scaling_factor = stats
     latents = [(mean - stats[0]) * stats[1] for mean in raw]  # normalised
@@ -871,6 +913,7 @@ def train(
         torch.manual_seed(config["seed"] * 1000 + 2)
         dit = SpacetimeDiT(dit_config).to(device)
     text_encoder = text_encoder.to(device) or text_encoder
+    keep_every_caption(text_encoder, clips)
     d = config["defaults"]
     base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
     pt, ph, pw = dit_config.patch_size

@@ -1,6 +1,7 @@
 """skyloom train: the recipe end to end on a tiny config, exact resume, checkpoints and errors."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +15,17 @@ from safetensors.torch import load_file
 
 from skyloom.bundle import BundleError, load_bundle, save_bundle
 from skyloom.cli import main
-from skyloom.datasets.shapes import write_dataset
+from skyloom.datasets.shapes import iter_dataset, write_dataset
 from skyloom.registry import get_registry
 from skyloom.training import (
     BucketBatches,
     StopRequested,
+    Clip,
     TrainingError,
     _condition_masks,
+    encode_latents,
     foreground_weights,
+    keep_every_caption,
     learning_rate,
     load_config,
     train,
@@ -129,6 +133,42 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(straight_run, datas
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert _losses(tmp_path / "run") == _losses(run_dir)
+
+
+def test_run_killed_before_the_first_transformer_checkpoint_resumes_exactly(straight_run, dataset, tmp_path):
+    bundle_dir, run_dir = straight_run
+    killed = tmp_path / "run"
+    shutil.copytree(run_dir, killed)  # then undo what the transformer stage wrote
+    for checkpoint in (killed / "checkpoints").glob("transformer-*"):
+        shutil.rmtree(checkpoint)
+    log = killed / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"autoencoder"' in line))
+    resumed = _train(_config_file(tmp_path, dataset), killed, resume=True)
+    expected, got = _weights(bundle_dir), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # the same random draws as the straight run
+    assert _losses(killed) == _losses(run_dir)
+
+
+def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, dataset, tmp_path):
+    bundle_dir, run_dir = straight_run
+    transformer_training = {**TINY["transformer_training"], "lr": 1e-3}
+    path = _config_file(tmp_path, dataset, transformer_training=transformer_training)
+    fresh = tmp_path / "fresh"
+    reusing = tmp_path / "reusing"
+    shutil.copytree(run_dir / "autoencoder", reusing / "autoencoder")
+    expected = _weights(_train(path, fresh, output=tmp_path / "fresh-bundle"))
+    got = _weights(_train(path, reusing, resume=True, output=tmp_path / "reusing-bundle"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # as if trained from scratch
+    assert [s for s, *_ in _losses(reusing)] == ["transformer"] * 4  # the autoencoder was not trained again
+    straight = _weights(bundle_dir)
+    assert all(torch.equal(straight[k], got[k]) for k in got if k.startswith("video_autoencoder/"))
+    assert not all(torch.equal(straight[k], got[k]) for k in got if k.startswith("transformer/"))  # the new lr
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "autoencoder", other / "autoencoder")
+    changed = _config_file(tmp_path, dataset, autoencoder_training={**TINY["autoencoder_training"], "lr": 5e-4})
+    with pytest.raises(TrainingError, match="trained with other data or autoencoder settings"):
+        _train(changed, other, resume=True)
 
 
 def test_run_directory_guards(straight_run, dataset, tmp_path):
@@ -247,6 +287,43 @@ def test_foreground_weights_mark_the_objects_and_nothing_else():
     assert torch.equal(weights[0, 0] == 10.0, expected)
     assert set(weights.unique().tolist()) == {1.0, 10.0}
     assert torch.equal(foreground_weights(video, 1.0), torch.ones_like(weights))
+
+
+def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order():
+    clips = [Clip(frames, ["a"]) for _, frames in iter_dataset(seed=3, count=20)]
+    assert len({clip.bucket for clip in clips}) == 9  # every (size, duration) bucket, more than once
+    vae = get_registry().create("video_autoencoder", "causal3d", latent_channels=4, widths=[8, 16, 16]).eval()
+    batched = encode_latents(vae, clips, torch.device("cpu"), progress=False)
+    for clip, latent in zip(clips, batched):
+        alone = encode_latents(vae, [clip], torch.device("cpu"), progress=False)[0]
+        assert latent.shape == alone.shape == (4, *vae.latent_shape(*clip.frames.shape[:3])[1:])
+        torch.testing.assert_close(latent, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_every_caption_encodes_each_caption_once(encoder_calls):
+    text_encoder, calls = encoder_calls
+    clips = [Clip(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), [f"caption {i}", f"other {i}"]) for i in range(300)]
+    keep_every_caption(text_encoder, clips)
+    assert text_encoder.cache_size == 601  # 600 captions and the empty prompt
+    for _ in range(2):
+        for start in range(0, 300, 32):
+            text_encoder.encode([c for clip in clips[start : start + 32] for c in clip.captions] + [""])
+    assert sum(calls) == 601  # the second epoch came from the cache
+
+
+@pytest.fixture
+def encoder_calls():
+    """A MiniLM text encoder (default cache of 256 prompts) counting the prompts it encodes."""
+    text_encoder = get_registry().create("text_encoder", "minilm")
+    calls = []
+    original = text_encoder.encode_uncached
+
+    def counting(prompts):
+        calls.append(len(prompts))
+        return original(prompts)
+
+    text_encoder.encode_uncached = counting
+    return text_encoder, calls
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
