@@ -348,8 +348,10 @@ def _eval_settings(sizes: tuple[str, ...], frame_counts: tuple[str, ...]) -> lis
               help="Write the report here (atomically); after Ctrl-C it holds what was evaluated, marked \"complete\": false.")
 @click.option("--videos", "videos_dir", type=click.Path(path_type=Path), metavar="DIR", help="Also save every generated clip as DIR/WxH_Tf/NNNN.mp4.")
 @click.option("--reference", is_flag=True, help="Score renders of the prompts' ground truth instead of a model (the analyser's ceiling); the model options are not used.")
+@click.option("--known-frames", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Give the model each clip's first N frames of the ground truth (as --reference draws it) and let it generate the rest: 1 scores image-to-video, more score extension; 0 is text-to-video.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; the table is still printed.")
-def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler, guidance, json_out, videos_dir, reference, quiet):
+def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler, guidance, json_out, videos_dir, reference, known_frames, quiet):
     """Measure prompt adherence: generate from a held-out prompt set and read each clip back with the shapes-world analyser.
 
     Prints one row per --size x --frames setting: colour, shape, motion, persistence, binding and
@@ -360,7 +362,9 @@ def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler
     """
     from skyloom.atomic_write import write_atomic
     from skyloom.bundle import BundleError
-    from skyloom.evaluation import MIN_COUNT, ReferenceGenerator, build_prompts, format_table, iter_scores, pipeline_generator, summarise
+    from skyloom.evaluation import (
+        MIN_COUNT, ContinuationGenerator, ReferenceGenerator, build_prompts, format_table, iter_scores, pipeline_generator, summarise,
+    )
     from skyloom.pipeline import DEFAULT, Pipeline
     from skyloom.registry import UnknownPluginError
     from skyloom.request import RequestError
@@ -373,13 +377,18 @@ def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler
         raise SkyloomCLIError(f"--json-out {json_out}: directory {parent} does not exist")
     if videos_dir is not None and videos_dir.exists() and not videos_dir.is_dir():
         raise SkyloomCLIError(f"--videos {videos_dir} exists and is not a directory")
+    if reference and known_frames:
+        raise SkyloomCLIError("--reference and --known-frames exclude each other: --reference scores the ground truth itself")
     prompts = build_prompts(count, seed=seed)
     try:
         if reference:
             generate = ReferenceGenerator(prompts)
         else:
             pipeline = Pipeline.from_pretrained(model_dir, registry=_registry(), prompt_enhancer=DEFAULT)
-            generate = pipeline_generator(pipeline, steps=steps, guidance=guidance, sampler=sampler)
+            if known_frames:
+                generate = ContinuationGenerator(pipeline, prompts, known_frames, steps=steps, guidance=guidance, sampler=sampler)
+            else:
+                generate = pipeline_generator(pipeline, steps=steps, guidance=guidance, sampler=sampler)
             for setting in settings:  # every setting must be generable before any work
                 generate.check(*setting)
     except (RequestError, BundleError, UnknownPluginError, ValueError, OSError) as error:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -262,6 +262,34 @@ class PipelineGenerator:
         return self.pipe(self.request(prompt, width, height, frames, seed), progress=False)
 
 
+class ContinuationGenerator(PipelineGenerator):
+    """A PipelineGenerator that is given the first `known_frames` frames of each prompt's ground
+    truth (drawn as ReferenceGenerator draws it) and generates the rest: 1 known frame scores
+    image-to-video, more score extension. The scores separate what the model does with a scene
+    it is shown from what it does when it must also compose the scene from the text."""
+
+    def __init__(self, pipe, prompts: Iterable[EvalPrompt], known_frames: int, **options):
+        super().__init__(pipe, **options)
+        if known_frames < 1:
+            raise ValueError(f"known_frames must be at least 1, got {known_frames}")
+        self.truth, self.known_frames = ReferenceGenerator(prompts), known_frames
+
+    def check(self, width: int, height: int, frames: int) -> None:
+        if self.known_frames >= frames:
+            raise ValueError(f"--known-frames {self.known_frames} leaves nothing to generate in {frames}-frame clips; give fewer than {frames}")
+        super().check(width, height, frames)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "known_frames": self.known_frames}
+
+    def __call__(self, prompt: str, width: int, height: int, frames: int, seed: int):
+        from skyloom.request import Conditioning
+
+        known = self.truth(prompt, width, height, frames, seed)[: self.known_frames]  # (known, H, W, 3) uint8
+        request = replace(self.request(prompt, width, height, frames, seed), conditioning=(Conditioning(known),))
+        return self.pipe(request, progress=False)
+
+
 def pipeline_generator(pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> PipelineGenerator:
     """The Generator that scores `pipe` (a skyloom.pipeline.Pipeline); None keeps the bundle's default."""
     return PipelineGenerator(pipe, steps=steps, guidance=guidance, sampler=sampler)
@@ -483,7 +511,9 @@ def format_table(report: dict) -> str:
     rows = []
     for entry in report["settings"]:
         metrics = entry["metrics"]
-        row = [f"{entry['width']}x{entry['height']}, {entry['frames']}f", str(entry["prompts"])]
+        known = (report.get("generator") or {}).get("known_frames")
+        given = f", first {known} given" if known else ""  # the targets are text-to-video's
+        row = [f"{entry['width']}x{entry['height']}, {entry['frames']}f{given}", str(entry["prompts"])]
         for name in TABLE_COLUMNS:
             value = metrics[name]
             if value is None:

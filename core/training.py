@@ -10,12 +10,13 @@ One run, in a run directory:
    manifest.jsonl) is read into memory; with `data.shapes` in the config it is generated
    first, into RUN_DIR/data. Captions are computed once and kept in RUN_DIR/captions.jsonl.
 2. autoencoder stage: reconstruction (L1 + MSE) plus a small KL term, on bucketed batches.
-   At its end the EMA weights and the latents' mean and standard deviation (the normalisation
-   the transformer sees) are written to RUN_DIR/autoencoder.
+   At its end the EMA weights, the latents' mean and standard deviation (the normalisation
+   the transformer sees) and the RNG states are written to RUN_DIR/autoencoder, which any
+   config with the same data and autoencoder settings may reuse.
 3. transformer stage: rectified flow, x_t = (1-t)·x0 + t·noise, velocity target noise - x0,
    t logit-normal and shifted by the token count as the sampler is, on the latents' posterior
-   means; captions dropped to the
-   empty prompt for classifier-free guidance; random frame-conditioning masks (first frame,
+   means; captions encoded once, up front, and dropped to the empty prompt for
+   classifier-free guidance; random frame-conditioning masks (first frame,
    last frame, both ends, a prefix, a suffix or none), so image-to-video, extension and
    connecting use the same weights. The loss covers only the frames not given.
 4. the EMA weights of both go into a model bundle (`output`), with the config and the log.
@@ -624,17 +625,26 @@ class Run:
         try:
             stats = json.loads((target / "latent_stats.json").read_text(encoding="utf-8"))
             tensors = load_file(str(target / "weights.safetensors"))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise TrainingError(f"{target} is unreadable ({error}); delete it to retrain the autoencoder") from None
+        try:
             rng = load_file(str(target / "rng.safetensors"))
             train_rng, torch_rng = rng["rng.train"], rng["rng.torch"]
-        except (OSError, ValueError, KeyError, SafetensorError) as error:
-            raise TrainingError(f"{target} is unreadable ({error}); delete it to retrain the autoencoder") from None
+        except (OSError, KeyError, SafetensorError) as error:
+            raise TrainingError(
+                f"{target} has no readable rng.safetensors ({error}; an older skyloom did not write one), so the transformer "
+                "stage could not draw what a straight run draws; delete it to retrain the autoencoder"
+            ) from None
         if stats.get("config_sha256") != _autoencoder_config_hash(self.config):
             raise TrainingError(
                 f"{target} was trained with other data or autoencoder settings; delete it or use a new --run-dir"
             )
         _load_exact(vae, tensors, target / "weights.safetensors")
-        self.generator.set_state(train_rng)
-        torch.set_rng_state(torch_rng)
+        try:
+            self.generator.set_state(train_rng)
+            torch.set_rng_state(torch_rng)
+        except (RuntimeError, TypeError) as error:
+            raise TrainingError(f"{target}/rng.safetensors does not hold RNG states ({error}); delete {target} to retrain the autoencoder") from None
         return float(stats["shift_factor"]), float(stats["scaling_factor"])
 
 
@@ -722,6 +732,7 @@ def _autoencoder_loss(vae, clips: list[Clip], settings: dict, device) -> Callabl
 
 
 ENCODE_BATCH = 16  # clips of REFERENCE_FRAMES frames encoded together (scaled for other durations)
+CAPTION_CHUNK = 256  # captions encoded together by CaptionTable
 
 
 @torch.no_grad()
@@ -748,14 +759,37 @@ def encode_latents(vae, clips: list[Clip], device, progress: bool) -> list[torch
     return out
 
 
-def keep_every_caption(text_encoder, clips: list[Clip]) -> None:
-    """Let a caching text encoder (one with `cache_size`) keep every caption, and the empty prompt
-    of text dropout, once encoded. Each step draws its captions from this fixed set; encoding
-    them again every time (MiniLM: 0.18 s per 32 on two CPU cores) cost about a quarter of a CPU
-    step. 24,000 captions at MiniLM's 64 tokens take about 2.4 GB."""
-    if hasattr(text_encoder, "cache_size"):
-        distinct = {caption for clip in clips for caption in clip.captions} | {""}
-        text_encoder.cache_size = max(text_encoder.cache_size, len(distinct))
+class CaptionTable:
+    """Every caption's text encoding, computed once before the transformer stage: the distinct
+    captions and the empty prompt of text dropout, sorted, in chunks of CAPTION_CHUNK. A prompt's
+    encoding depends in its last bits on the batch it is encoded with (MiniLM: up to 2e-6), so a
+    fixed order gives a straight and a resumed run the same numbers. Encoding the captions at
+    every step instead cost about a quarter of a CPU step (MiniLM: 0.18 s per 32 on two cores).
+    Rows keep only the real tokens: MiniLM's 24,001 captions of the embedded recipe take 0.7 GB."""
+
+    def __init__(self, text_encoder, clips: list[Clip], progress: bool):
+        from tqdm import tqdm
+
+        captions = sorted({caption for clip in clips for caption in clip.captions} | {""})
+        self.index = {caption: i for i, caption in enumerate(captions)}
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real tokens (n, D), mask (L,)) per caption
+        with tqdm(total=len(captions), desc="encoding captions", unit="caption", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(captions), CAPTION_CHUNK):
+                with torch.no_grad():
+                    emb = text_encoder.encode(captions[start : start + CAPTION_CHUNK])
+                for tokens, mask in zip(emb.tokens.cpu(), emb.mask.cpu().bool()):
+                    self.rows.append((tokens[mask].clone(), mask.clone()))
+                bar.update(len(emb.mask))
+        self.length, self.dim, self.dtype = emb.tokens.shape[1], emb.tokens.shape[2], emb.tokens.dtype
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, L, D), zero where masked, and mask (B, L) of `captions`, on the CPU."""
+        tokens = torch.zeros(len(captions), self.length, self.dim, dtype=self.dtype)
+        mask = torch.zeros(len(captions), self.length, dtype=torch.bool)
+        for i, caption in enumerate(captions):
+            real, mask[i] = self.rows[self.index[caption]]
+            tokens[i, mask[i]] = real
+        return tokens, mask
 
 
 def _condition_masks(kinds: list[str], weights: torch.Tensor, batch: int, frames: int, generator) -> torch.Tensor:
@@ -779,7 +813,7 @@ def _condition_masks(kinds: list[str], weights: torch.Tensor, batch: int, frames
     return mask
 
 
-def _transformer_loss(dit, text_encoder, latents, clips: list[Clip], settings: dict, config: dict, base_tokens: int, device) -> Callable:
+def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip], settings: dict, config: dict, base_tokens: int, device) -> Callable:
     kinds = list(settings["conditioning"])
     weights = torch.tensor([float(settings["conditioning"][k]) for k in kinds])
     pt, ph, pw = dit.config.patch_size
@@ -805,10 +839,9 @@ def _transformer_loss(dit, text_encoder, latents, clips: list[Clip], settings: d
         tt = t.view(B, 1, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * noise  # (B, C, T', H', W')
         target = noise - x0  # the velocity dx/dt
-        with torch.no_grad():
-            emb = text_encoder.encode(captions)
+        text_tokens, text_mask = captions_of(captions)
         cond_latent = x0 * known.view(B, 1, T, 1, 1)
-        velocity = dit(x_t, t, emb.tokens.to(device), emb.mask.to(device), cond_latent, known)
+        velocity = dit(x_t, t, text_tokens.to(device), text_mask.to(device), cond_latent, known)
         weight = (1 - known).view(B, 1, T, 1, 1).expand_as(target)  # only the frames to generate
         return ((velocity.float() - target).square() * weight).sum() / weight.sum().clamp(min=1)
 
@@ -913,7 +946,8 @@ def train(
         torch.manual_seed(config["seed"] * 1000 + 2)
         dit = SpacetimeDiT(dit_config).to(device)
     text_encoder = text_encoder.to(device) or text_encoder
-    keep_every_caption(text_encoder, clips)
+    _say("encoding the captions")
+    captions_of = CaptionTable(text_encoder, clips, progress)
     d = config["defaults"]
     base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
     pt, ph, pw = dit_config.patch_size
@@ -922,7 +956,7 @@ def train(
     _say(f"transformer ({sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters): training to step {dit_settings['steps']}")
     stage = Stage(
         "transformer", dit, dit_settings, BucketBatches(buckets, dit_settings["batch_size"], config["seed"] + 1),
-        _transformer_loss(dit, text_encoder, latents, clips, dit_settings, config, base_tokens, device),
+        _transformer_loss(dit, captions_of, latents, clips, dit_settings, config, base_tokens, device),
     )
     dit_ema = run_stage(stage, run)
 

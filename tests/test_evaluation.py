@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from skyloom import evaluation
 from skyloom.cli import main
 from skyloom.evaluation import (
-    DEFAULT_COUNT, HELD_OUT_SHARE, EvalPrompt, ReferenceGenerator, build_prompts, evaluate, format_table, score,
+    DEFAULT_COUNT, HELD_OUT_SHARE, ContinuationGenerator, EvalPrompt, ReferenceGenerator, build_prompts, evaluate,
+    format_table, score,
 )  # fmt: skip
 from skyloom.shapes_analysis import analyse, canonical_caption
 from skyloom.shapes_world import BACKGROUNDS, COLOURS, HELD_OUT, SIZES, is_held_out
@@ -243,6 +244,8 @@ def test_eval_command_prints_the_table_and_writes_the_report(tiny_model, tmp_pat
         (["--frames", "17,x"], "error: --frames: 'x' is not a whole number of frames"),
         (["--sampler", "warp-drive"], "error: unknown sampler 'warp-drive'"),
         (["--json-out", "missing/eval.json"], "error: --json-out missing/eval.json: directory"),
+        (["--frames", "9", "--known-frames", "9"], "error: --known-frames 9 leaves nothing to generate in 9-frame clips"),
+        (["--known-frames", "1", "--reference"], "error: --reference and --known-frames exclude each other"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_any_work(tiny_model, tmp_path, monkeypatch, args, message):
@@ -251,6 +254,29 @@ def test_bad_input_fails_with_one_line_before_any_work(tiny_model, tmp_path, mon
     assert result.exit_code == 1 and result.output.startswith(message), result.output
     assert len(result.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_known_frames_give_the_model_the_start_of_the_ground_truth(tiny_model, tmp_path, prompts):
+    class RecordingPipe:  # stands in for the Pipeline: keeps each request
+        requests = []
+
+        def __call__(self, request, progress):
+            self.requests.append(request)
+            return torch.zeros(request.frames, request.height, request.width, 3, dtype=torch.uint8)
+
+    generate = ContinuationGenerator(RecordingPipe(), prompts[:2], known_frames=5, steps=2)
+    generate(prompts[1].text, 80, 48, 17, seed=3)
+    (request,) = RecordingPipe.requests
+    (condition,) = request.conditioning
+    truth = ReferenceGenerator(prompts[:2])(prompts[1].text, 80, 48, 17, seed=3)
+    assert condition.start_frame == 0 and torch.equal(condition.media, truth[:5])
+    assert (request.prompt, request.frames, request.width, request.height, request.seed, request.steps) == (prompts[1].text, 17, 80, 48, 3, 2)
+
+    out = tmp_path / "eval.json"
+    result = run_eval("--model", tiny_model, "--count", 2, "--steps", 1, "--frames", 9, "--known-frames", 5, "--json-out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].startswith("64x64, 9f, first 5 given")
+    assert json.loads(out.read_text())["generator"]["known_frames"] == 5
 
 
 def test_reference_run_scores_the_analysers_ceiling(tmp_path):

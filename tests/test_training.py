@@ -13,19 +13,20 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from skyloom import training
 from skyloom.bundle import BundleError, load_bundle, save_bundle
 from skyloom.cli import main
 from skyloom.datasets.shapes import iter_dataset, write_dataset
 from skyloom.registry import get_registry
 from skyloom.training import (
     BucketBatches,
-    StopRequested,
+    CaptionTable,
     Clip,
+    StopRequested,
     TrainingError,
     _condition_masks,
     encode_latents,
     foreground_weights,
-    keep_every_caption,
     learning_rate,
     load_config,
     train,
@@ -289,8 +290,9 @@ def test_foreground_weights_mark_the_objects_and_nothing_else():
     assert torch.equal(foreground_weights(video, 1.0), torch.ones_like(weights))
 
 
-def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order():
-    clips = [Clip(frames, ["a"]) for _, frames in iter_dataset(seed=3, count=20)]
+def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order(monkeypatch):
+    monkeypatch.setattr(training, "ENCODE_BATCH", 2)  # buckets split over several batches, the last one short
+    clips = [Clip(frames, ["a"]) for _, frames in iter_dataset(seed=3, count=30)]
     assert len({clip.bucket for clip in clips}) == 9  # every (size, duration) bucket, more than once
     vae = get_registry().create("video_autoencoder", "causal3d", latent_channels=4, widths=[8, 16, 16]).eval()
     batched = encode_latents(vae, clips, torch.device("cpu"), progress=False)
@@ -300,20 +302,25 @@ def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order():
         torch.testing.assert_close(latent, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_keep_every_caption_encodes_each_caption_once(encoder_calls):
+def test_caption_table_encodes_each_caption_once_whatever_the_clips_order(encoder_calls):
     text_encoder, calls = encoder_calls
-    clips = [Clip(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), [f"caption {i}", f"other {i}"]) for i in range(300)]
-    keep_every_caption(text_encoder, clips)
-    assert text_encoder.cache_size == 601  # 600 captions and the empty prompt
-    for _ in range(2):
-        for start in range(0, 300, 32):
-            text_encoder.encode([c for clip in clips[start : start + 32] for c in clip.captions] + [""])
-    assert sum(calls) == 601  # the second epoch came from the cache
+    clips = [Clip(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), [f"a red circle {i}", f"the blue square {i}"]) for i in range(300)]
+    table = CaptionTable(text_encoder, clips, progress=False)
+    assert sum(calls) == 601 and max(calls) == training.CAPTION_CHUNK  # 600 captions and the empty prompt
+    drawn = ["", "the blue square 7", "a red circle 299"]
+    tokens, mask = table(drawn)
+    assert sum(calls) == 601  # looked up, not encoded again
+    direct = text_encoder.encode_uncached(drawn)
+    assert torch.equal(mask, direct[1].bool())
+    torch.testing.assert_close(tokens, direct[0], rtol=0, atol=1e-5)  # the same, up to the batch's rounding
+    text_encoder.clear_cache()
+    shuffled = CaptionTable(text_encoder, clips[::-1], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(table(drawn), shuffled(drawn)))  # bit for bit: resume stays exact
 
 
 @pytest.fixture
 def encoder_calls():
-    """A MiniLM text encoder (default cache of 256 prompts) counting the prompts it encodes."""
+    """A MiniLM text encoder counting the prompts it encodes."""
     text_encoder = get_registry().create("text_encoder", "minilm")
     calls = []
     original = text_encoder.encode_uncached
