@@ -60,6 +60,12 @@ from skyloom.transformer import DiTConfig, SpacetimeDiT
 STAGES = ("autoencoder", "transformer")
 CONDITIONING_KINDS = ("none", "first", "last", "ends", "prefix", "suffix")
 REFERENCE_FRAMES = 17  # batch_size counts clips of this many frames; other durations are scaled
+
+
+def clips_per_batch(batch_size: int, bucket: tuple) -> int:
+    """How many clips of a (width, height, frames) bucket hold about the voxels of `batch_size`
+    clips of REFERENCE_FRAMES frames (at least 1)."""
+    return max(1, round(batch_size * REFERENCE_FRAMES / bucket[2]))
 CHECKPOINTS = "checkpoints"
 AUTOENCODER_DIR = "autoencoder"
 CAPTIONS = "captions.jsonl"
@@ -287,7 +293,7 @@ class BucketBatches:
         self.members: dict[tuple, list[int]] = {}
         for index, bucket in enumerate(buckets):
             self.members.setdefault(bucket, []).append(index)
-        self.sizes = {b: self.size_of(b) for b in self.members}
+        self.sizes = {b: clips_per_batch(batch_size, b) for b in self.members}
         self.per_epoch = sum(len(m) // self.sizes[b] for b, m in self.members.items())
         if self.per_epoch == 0:
             raise TrainingError(
@@ -295,9 +301,6 @@ class BucketBatches:
                 "lower batch_size or add clips"
             )
         self._epoch, self._batches = -1, []
-
-    def size_of(self, bucket: tuple) -> int:
-        return max(1, round(self.batch_size * REFERENCE_FRAMES / bucket[2]))
 
     def _describe(self) -> str:
         return ", ".join(f"{w}x{h}x{t}: {len(m)}" for (w, h, t), m in sorted(self.members.items()))
@@ -749,7 +752,7 @@ def encode_latents(vae, clips: list[Clip], device, progress: bool) -> list[torch
     out: list[torch.Tensor | None] = [None] * len(clips)
     with tqdm(total=len(clips), desc="encoding latents", unit="clip", disable=not progress, file=sys.stderr) as bar:
         for bucket, indices in sorted(members.items()):
-            size = max(1, round(ENCODE_BATCH * REFERENCE_FRAMES / bucket[2]))
+            size = clips_per_batch(ENCODE_BATCH, bucket)
             for start in range(0, len(indices), size):
                 batch = indices[start : start + size]
                 mean, _ = vae.encode_distribution(_pixels(clips, batch, device))  # (b, C', T', H', W')
