@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -220,6 +221,39 @@ SKY_INLINE void pack_transposed(const T* src, const SeqView& view, int64_t k0, i
   }
 }
 
+// One butterfly step of an in-register lanes x lanes transpose: swaps index bit B between row and column.
+template <class A, int B> SKY_INLINE void transpose_step(Vec<A>* r) {
+  constexpr int W = int(kLanes<A>);
+  typename VecTraits<A>::ivec keep, swap;  // __builtin_shuffle indices: 0..W-1 from a, W..2W-1 from b
+  for (int c = 0; c < W; ++c) {
+    keep[c] = (c & B) ? W + (c ^ B) : c;
+    swap[c] = (c & B) ? W + c : (c ^ B);
+  }
+  for (int i = 0; i < W; ++i)
+    if (!(i & B)) {
+      const Vec<A> a = r[i], b = r[i | B];
+      r[i] = __builtin_shuffle(a, b, keep);
+      r[i | B] = __builtin_shuffle(a, b, swap);
+    }
+}
+
+// dst (Dp x ldd) = the transpose of rows [0, rows) of src (row j at src + j·lds, Dp wide), zero for
+// rows <= j < ldd; ldd a multiple of the lane count. Lanes x lanes register blocks, no scalar scatter.
+template <class A>
+SKY_INLINE void transpose_rows(const A* src, int64_t lds, int64_t rows, int64_t Dp, A* dst, int64_t ldd) {
+  constexpr int64_t W = kLanes<A>;
+  for (int64_t j0 = 0; j0 < ldd; j0 += W)
+    for (int64_t e0 = 0; e0 < Dp; e0 += W) {
+      Vec<A> r[W];
+      for (int64_t i = 0; i < W; ++i) r[i] = j0 + i < rows ? vload(src + (j0 + i) * lds + e0) : Vec<A>{};
+      if constexpr (W == 16) transpose_step<A, 8>(r);
+      transpose_step<A, 4>(r);
+      transpose_step<A, 2>(r);
+      transpose_step<A, 1>(r);
+      for (int64_t i = 0; i < W; ++i) vstore(dst + (e0 + i) * ldd + j0, r[i]);
+    }
+}
+
 template <class T, class A>
 SKY_INLINE void store_rows(const A* src, int64_t Dp, int64_t rows, int64_t D, A mul, T* dst, const SeqView& view,
                            int64_t row0) {
@@ -251,19 +285,57 @@ template <class A> int64_t forward_workspace(const Problem& p) {
   return kBlockQ * Dp + Dp * kBlockK + kBlockK * Dp + kBlockQ * kBlockK + kBlockQ * Dp + 4 * kBlockQ;
 }
 
-template <class A, int NV>
-SKY_INLINE void score_tile(const A* qs, const A* kt, int64_t Dp, A* sb, int64_t Mp) {
-  gemm_abt<A, NV>(qs, Dp, kt, Dp, sb, NV * kLanes<A>, Mp);
+// Scores of Mp query rows (row i at qs + i·ldq) against a packed K^T tile of nv vectors of keys.
+template <class A>
+SKY_INLINE void score_tile(int nv, const A* qs, int64_t ldq, const A* kt, int64_t Dp, A* sb, int64_t Mp) {
+  if (nv == 1)
+    gemm_abt<A, 1>(qs, ldq, kt, Dp, sb, kLanes<A>, Mp);
+  else if (nv == 2)
+    gemm_abt<A, 2>(qs, ldq, kt, Dp, sb, 2 * kLanes<A>, Mp);
+  else
+    gemm_abt<A, 4>(qs, ldq, kt, Dp, sb, 4 * kLanes<A>, Mp);
 }
 
+// One key tile of the online softmax. sb (Mp x NK scores, log2 units) becomes exp2(s - m_new), keys
+// at or past a row's limit (and the tile's padding) masked to 0; m and l are updated, and alpha is
+// exp2(m_old - m_new), the factor the output accumulated so far must be rescaled by.
 template <class A>
-SKY_INLINE void score_tile_any(int nv, const A* qs, const A* kt, int64_t Dp, A* sb, int64_t Mp) {
-  if (nv == 1)
-    score_tile<A, 1>(qs, kt, Dp, sb, Mp);
-  else if (nv == 2)
-    score_tile<A, 2>(qs, kt, Dp, sb, Mp);
-  else
-    score_tile<A, 4>(qs, kt, Dp, sb, Mp);
+SKY_INLINE void online_softmax_tile(A* sb, int nv, int64_t Mp, const A* limit, int64_t k0, int64_t nk, A* m, A* l,
+                                    A* alpha) {
+  constexpr int64_t W = kLanes<A>;
+  const int64_t NK = nv * W;
+  for (int64_t i = 0; i < Mp; ++i) {
+    A* s = sb + i * NK;
+    const int64_t valid = clamp_keys(int64_t(limit[i]) - k0, nk);  // padded keys are masked too
+    for (int64_t j = valid; j < NK; ++j) s[j] = -std::numeric_limits<A>::infinity();
+    Vec<A> mx = vload(s);
+    for (int j = 1; j < nv; ++j) {
+      const Vec<A> x = vload(s + j * W);
+      mx = x > mx ? x : mx;
+    }
+    const A block_max = hmax<A>(mx);
+    const A m_new = block_max > m[i] ? block_max : m[i];
+    if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
+      for (int64_t j = 0; j < NK; ++j) s[j] = 0;
+      alpha[i] = 1;
+      continue;
+    }
+    alpha[i] = m_new == m[i] ? A(1) : std::exp2(m[i] - m_new);
+    Vec<A> sum = Vec<A>{};
+    for (int j = 0; j < nv; ++j) {
+      const Vec<A> e = vexp2<A>(vload(s + j * W) - vsplat<A>(m_new));
+      vstore(s + j * W, e);
+      sum += e;
+    }
+    l[i] = l[i] * alpha[i] + hsum<A>(sum);
+    m[i] = m_new;
+  }
+}
+
+// The natural-log logsumexp of a finished row; +inf for a row with no visible key, so that the
+// backward pass gives it zero probabilities.
+template <class A> SKY_INLINE A row_lse(A m, A l) {
+  return l > 0 ? A((m + std::log2(l)) * kLn2) : std::numeric_limits<A>::infinity();
 }
 
 template <class T, class A>
@@ -305,35 +377,8 @@ SKY_INLINE void forward_task(const ForwardArgs& a, int64_t task, A* ws) {
     const int64_t NK = nv * W;
     pack_transposed(static_cast<const T*>(a.k.data), kv, k0, nk, NK, D, Dp, kt);
     pack_rows(static_cast<const T*>(a.v.data), vv, k0, nk, nk, D, Dp, A(1), vb);
-    score_tile_any<A>(nv, qs, kt, Dp, sb, Mp);
-
-    // online softmax: rescale what was accumulated by exp2(m_old - m_new)
-    for (int64_t i = 0; i < Mp; ++i) {
-      A* s = sb + i * NK;
-      const int64_t valid = clamp_keys(int64_t(limit[i]) - k0, nk);  // padded keys are masked too
-      for (int64_t j = valid; j < NK; ++j) s[j] = -std::numeric_limits<A>::infinity();
-      Vec<A> mx = vload(s);
-      for (int j = 1; j < nv; ++j) {
-        const Vec<A> x = vload(s + j * W);
-        mx = x > mx ? x : mx;
-      }
-      const A block_max = hmax<A>(mx);
-      const A m_new = block_max > m[i] ? block_max : m[i];
-      if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
-        for (int64_t j = 0; j < NK; ++j) s[j] = 0;
-        alpha[i] = 1;
-        continue;
-      }
-      alpha[i] = m_new == m[i] ? A(1) : std::exp2(m[i] - m_new);
-      Vec<A> sum = Vec<A>{};
-      for (int j = 0; j < nv; ++j) {
-        const Vec<A> e = vexp2<A>(vload(s + j * W) - vsplat<A>(m_new));
-        vstore(s + j * W, e);
-        sum += e;
-      }
-      l[i] = l[i] * alpha[i] + hsum<A>(sum);
-      m[i] = m_new;
-    }
+    score_tile<A>(nv, qs, Dp, kt, Dp, sb, Mp);
+    online_softmax_tile<A>(sb, nv, Mp, limit, k0, nk, m, l, alpha);
     gemm_ab_acc<A, false>(sb, NK, vb, Dp, nk, ob, Dp, Mp, Dp, alpha);
   }
 
@@ -344,8 +389,7 @@ SKY_INLINE void forward_task(const ForwardArgs& a, int64_t task, A* ws) {
     const A inv = l[i] > 0 ? A(1) / l[i] : A(0);
     T* o = out + ov.offset(q0 + i);
     for (int64_t e = 0; e < D; ++e) o[e] = StoreAs<T>::from(ob[i * Dp + e] * inv);
-    // a row with no visible key gets lse = +inf, so the backward pass gives it zero probabilities
-    lse[lv.offset(q0 + i)] = l[i] > 0 ? A((m[i] + std::log2(l[i])) * kLn2) : std::numeric_limits<A>::infinity();
+    lse[lv.offset(q0 + i)] = row_lse(m[i], l[i]);
   }
 }
 
@@ -354,6 +398,45 @@ struct BackwardArgs {
   Strided grad_out, q, k, v, out, lse;
   StridedOut grad_q, grad_k, grad_v;
 };
+
+// The operands of one (query tile, key tile) block of the backward pass, packed by the caller.
+// Row-major tiles have a leading dimension; K^T and V^T are (Dp x NK). Q is pre-scaled by `scale`.
+template <class A> struct BackwardTile {
+  const A* q; int64_t ldq;
+  const A* grad_out; int64_t ldgo;
+  const A* kt; const A* vt;  // K^T, V^T
+  const A* k; int64_t ldk;   // K rows
+  int64_t Dp;
+  A* grad_v; A* grad_k; int64_t ldkv;  // accumulated, one row per key
+  A* grad_q; int64_t ldgq;             // accumulated, one row per query (unscaled)
+};
+
+// P = exp2(scores·log2e − lse2), dS = P∘(dO·V^T − delta), keys at or past a row's limit masked;
+// then dV += P^T·dO, dK += dS^T·Q, dQ += dS·K. pb and dpb are (Mp x NK) scratch tiles.
+template <class A>
+SKY_INLINE void backward_tile(const BackwardTile<A>& t, int nv, int64_t k0, int64_t nk, int64_t rows, int64_t Mp,
+                              const A* lse2, const A* delta, const A* limit, A* pb, A* dpb) {
+  constexpr int64_t W = kLanes<A>;
+  const int64_t NK = nv * W, nk_padded = round_up(nk, 8), Dp = t.Dp;
+  score_tile<A>(nv, t.q, t.ldq, t.kt, Dp, pb, Mp);          // scores (natural units)
+  score_tile<A>(nv, t.grad_out, t.ldgo, t.vt, Dp, dpb, Mp);  // dP = dO · V^T
+  for (int64_t i = 0; i < Mp; ++i) {
+    A* pr = pb + i * NK;
+    A* dr = dpb + i * NK;
+    const int64_t valid = i < rows ? clamp_keys(int64_t(limit[i]) - k0, nk) : 0;
+    const Vec<A> l2 = vsplat<A>(i < rows ? lse2[i] : A(0));
+    const Vec<A> dl = vsplat<A>(i < rows ? delta[i] : A(0));
+    for (int j = 0; j < nv; ++j) {
+      const Vec<A> pj = vexp2<A>(vload(pr + j * W) * vsplat<A>(A(kLog2e)) - l2);
+      vstore(pr + j * W, pj);
+      vstore(dr + j * W, pj * (vload(dr + j * W) - dl));  // dS = P ∘ (dP − delta)
+    }
+    for (int64_t j = valid; j < NK; ++j) pr[j] = dr[j] = 0;
+  }
+  gemm_ab_acc<A, true>(pb, NK, t.grad_out, t.ldgo, Mp, t.grad_v, t.ldkv, nk_padded, Dp, nullptr);  // dV += P^T · dO
+  gemm_ab_acc<A, true>(dpb, NK, t.q, t.ldq, Mp, t.grad_k, t.ldkv, nk_padded, Dp, nullptr);         // dK += dS^T · Q
+  gemm_ab_acc<A, false>(dpb, NK, t.k, t.ldk, nk, t.grad_q, t.ldgq, Mp, Dp, nullptr);               // dQ += dS · K
+}
 
 template <class A> int64_t backward_workspace(const Problem& p) {
   const int64_t Dp = p.padded_d, L = p.L;
@@ -423,24 +506,8 @@ SKY_INLINE void backward_task(const BackwardArgs& a, int64_t task, A* ws) {
 
       pack_rows(q, qv, q0, rows, Mp, D, Dp, scale, qs);
       pack_rows(go, gov, q0, rows, Mp, D, Dp, A(1), dob);
-      score_tile_any<A>(nv, qs, kt, Dp, pb, Mp);   // scores (natural units)
-      score_tile_any<A>(nv, dob, vt, Dp, dpb, Mp);  // dP = dO · V^T
-      for (int64_t i = 0; i < Mp; ++i) {
-        A* pr = pb + i * NK;
-        A* dr = dpb + i * NK;
-        const int64_t valid = i < rows ? clamp_keys(int64_t(limit[q0 + i]) - k0, nk) : 0;
-        const Vec<A> l2 = vsplat<A>(i < rows ? lse2[q0 + i] : A(0));
-        const Vec<A> dl = vsplat<A>(i < rows ? delta[q0 + i] : A(0));
-        for (int j = 0; j < nv; ++j) {
-          const Vec<A> pj = vexp2<A>(vload(pr + j * W) * vsplat<A>(A(kLog2e)) - l2);
-          vstore(pr + j * W, pj);
-          vstore(dr + j * W, pj * (vload(dr + j * W) - dl));  // dS = P ∘ (dP − delta)
-        }
-        for (int64_t j = valid; j < NK; ++j) pr[j] = dr[j] = 0;
-      }
-      gemm_ab_acc<A, true>(pb, NK, dob, Dp, Mp, dv, Dp, nk_padded, Dp, nullptr);   // dV += P^T · dO
-      gemm_ab_acc<A, true>(dpb, NK, qs, Dp, Mp, dk, Dp, nk_padded, Dp, nullptr);   // dK += dS^T · (scale·Q)
-      gemm_ab_acc<A, false>(dpb, NK, kb, Dp, nk, dq + q0 * Dp, Dp, Mp, Dp, nullptr);  // dQ += dS · K
+      const BackwardTile<A> tile{qs, Dp, dob, Dp, kt, vt, kb, Dp, Dp, dv, dk, Dp, dq + q0 * Dp, Dp};
+      backward_tile<A>(tile, nv, k0, nk, rows, Mp, lse2 + q0, delta + q0, limit + q0, pb, dpb);
     }
     store_rows(dk, Dp, nk, D, A(1), static_cast<T*>(a.grad_k.data), p.view(a.grad_k.stride, group, head), k0);
     store_rows(dv, Dp, nk, D, A(1), static_cast<T*>(a.grad_v.data), p.view(a.grad_v.stride, group, head), k0);
@@ -458,22 +525,197 @@ SKY_INLINE void backward_task(const BackwardArgs& a, int64_t task, A* ws) {
   store_rows(dq, Dp, L, D, scale, static_cast<T*>(a.grad_q.data), p.view(a.grad_q.stride, group, head), 0);
 }
 
+// --- temporal mode, short sequences ------------------------------------------------------------
+// With T <= 4 vectors of keys every sequence is a single tile, and the generic task's cost is in
+// packing: each (position, head) reads T rows of head_dim scattered a frame apart. A temporal task
+// instead takes one spatial position with all its heads, stages each operand frame by frame (in
+// the usual layout a frame's heads are one contiguous run, which the prefetchers stream), runs the
+// same tile math per head out of the staged buffers, and writes the results back frame by frame.
+
+SKY_INLINE bool temporal_single_tile(const Problem& p, int64_t lanes) {
+  return p.options.mode == AttentionMode::kTemporal && p.L <= 4 * lanes;
+}
+
+// dst[t][h][0, Dp) = src[b, t, s, h, :]·mul for t < T, zero-padded to Tp rows and Dp columns.
+template <class T, class A>
+SKY_INLINE void stage_position(const T* src, const int64_t stride[4], const AttentionShape& sh, int64_t b, int64_t s,
+                               int64_t Tp, int64_t Dp, A mul, A* dst) {
+  const int64_t D = sh.head_dim;
+  for (int64_t t = 0; t < sh.T; ++t)
+    for (int64_t h = 0; h < sh.heads; ++h) {
+      const T* row = src + b * stride[0] + t * stride[1] + s * stride[2] + h * stride[3];
+      A* d = dst + (t * sh.heads + h) * Dp;
+      for (int64_t e = 0; e < D; ++e) d[e] = load_as<A>(row[e]) * mul;
+      for (int64_t e = D; e < Dp; ++e) d[e] = 0;
+    }
+  std::memset(static_cast<void*>(dst + sh.T * sh.heads * Dp), 0, sizeof(A) * (Tp - sh.T) * sh.heads * Dp);
+}
+
+// dst[b, t, s, h, :] = src[t][h][0, D)·mul for t < T.
+template <class T, class A>
+SKY_INLINE void unstage_position(const A* src, const AttentionShape& sh, int64_t b, int64_t s, int64_t Dp, A mul,
+                                 T* dst, const int64_t stride[4]) {
+  for (int64_t t = 0; t < sh.T; ++t)
+    for (int64_t h = 0; h < sh.heads; ++h) {
+      T* row = dst + b * stride[0] + t * stride[1] + s * stride[2] + h * stride[3];
+      const A* r = src + (t * sh.heads + h) * Dp;
+      for (int64_t e = 0; e < sh.head_dim; ++e) row[e] = StoreAs<T>::from(r[e] * mul);
+    }
+}
+
+// Asks for the next position's rows of one operand while this one computes: the tasks of one
+// thread run in order (see run_attention), and the loads are what a temporal task waits on.
+template <class T>
+SKY_INLINE void prefetch_position(const T* src, const int64_t stride[4], const AttentionShape& sh, int64_t position) {
+  if (position >= sh.B * sh.S) return;
+  const int64_t b = position / sh.S, s = position % sh.S;
+  for (int64_t t = 0; t < sh.T; ++t)
+    for (int64_t h = 0; h < sh.heads; ++h) {
+      const char* row = reinterpret_cast<const char*>(src + b * stride[0] + t * stride[1] + s * stride[2] + h * stride[3]);
+      for (int64_t byte = 0; byte < sh.head_dim * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(row + byte);
+    }
+}
+
+template <class A> int64_t temporal_forward_workspace(const Problem& p) {
+  const int64_t Tp = round_up(p.L, 8), NK = 4 * kLanes<A>, Dp = p.padded_d, staged = Tp * p.shape.heads * Dp;
+  // staged Q, K, V, O + K^T, scores, m, l, alpha, limits
+  return 4 * staged + Dp * NK + Tp * NK + 4 * Tp;
+}
+
+template <class T, class A>
+SKY_INLINE void temporal_forward_task(const ForwardArgs& a, int64_t task, A* ws) {
+  const Problem& p = a.p;
+  const AttentionShape& sh = p.shape;
+  const int64_t b = task / sh.S, s = task % sh.S, T_ = sh.T, H = sh.heads, Dp = p.padded_d, ld = H * Dp;
+  const int64_t Tp = round_up(T_, 8);
+  const int nv = vectors_for(T_, kLanes<A>);
+  const int64_t NK = nv * kLanes<A>;
+  A* q = ws;
+  A* k = q + Tp * ld;
+  A* v = k + Tp * ld;
+  A* o = v + Tp * ld;
+  A* kt = o + Tp * ld;
+  A* sb = kt + Dp * 4 * kLanes<A>;
+  A* m = sb + Tp * 4 * kLanes<A>;
+  A* l = m + Tp;
+  A* alpha = l + Tp;
+  A* limit = alpha + Tp;
+
+  // Scores in log2 units, as in forward_task.
+  stage_position(static_cast<const T*>(a.q.data), a.q.stride, sh, b, s, Tp, Dp, A(p.options.scale * kLog2e), q);
+  stage_position(static_cast<const T*>(a.k.data), a.k.stride, sh, b, s, Tp, Dp, A(1), k);
+  stage_position(static_cast<const T*>(a.v.data), a.v.stride, sh, b, s, Tp, Dp, A(1), v);
+  prefetch_position(static_cast<const T*>(a.q.data), a.q.stride, sh, task + 1);
+  prefetch_position(static_cast<const T*>(a.k.data), a.k.stride, sh, task + 1);
+  prefetch_position(static_cast<const T*>(a.v.data), a.v.stride, sh, task + 1);
+  std::memset(static_cast<void*>(o), 0, sizeof(A) * Tp * ld);
+  A* lse = static_cast<A*>(a.lse.data);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < Tp; ++i) {
+      limit[i] = A(i < T_ ? p.key_limit(task, i) : 0);
+      m[i] = -std::numeric_limits<A>::infinity();
+      l[i] = 0;
+    }
+    transpose_rows(k + h * Dp, ld, T_, Dp, kt, NK);
+    score_tile<A>(nv, q + h * Dp, ld, kt, Dp, sb, Tp);
+    online_softmax_tile<A>(sb, nv, Tp, limit, 0, T_, m, l, alpha);
+    gemm_ab_acc<A, false>(sb, NK, v + h * Dp, ld, T_, o + h * Dp, ld, Tp, Dp, alpha);
+    for (int64_t i = 0; i < T_; ++i) {
+      const Vec<A> inv = vsplat<A>(l[i] > 0 ? A(1) / l[i] : A(0));
+      for (int64_t e = 0; e < Dp; e += kLanes<A>) vstore(o + i * ld + h * Dp + e, vload(o + i * ld + h * Dp + e) * inv);
+      lse[b * a.lse.stride[0] + i * a.lse.stride[1] + s * a.lse.stride[2] + h * a.lse.stride[3]] = row_lse(m[i], l[i]);
+    }
+  }
+  unstage_position(o, sh, b, s, Dp, A(1), static_cast<T*>(a.out.data), a.out.stride);
+}
+
+template <class A> int64_t temporal_backward_workspace(const Problem& p) {
+  const int64_t Tp = round_up(p.L, 8), NK = 4 * kLanes<A>, Dp = p.padded_d, staged = Tp * p.shape.heads * Dp;
+  // staged Q, K, V, dO, dQ, dK, dV + K^T, V^T, P, dP + per (head, frame) lse2, delta + limits
+  return 7 * staged + 2 * Dp * NK + 2 * Tp * NK + 2 * p.shape.heads * Tp + Tp;
+}
+
+template <class T, class A>
+SKY_INLINE void temporal_backward_task(const BackwardArgs& a, int64_t task, A* ws) {
+  const Problem& p = a.p;
+  const AttentionShape& sh = p.shape;
+  const int64_t b = task / sh.S, s = task % sh.S, T_ = sh.T, H = sh.heads, D = sh.head_dim, Dp = p.padded_d,
+                ld = H * Dp;
+  const int64_t Tp = round_up(T_, 8);
+  const int nv = vectors_for(T_, kLanes<A>);
+  const int64_t NK = nv * kLanes<A>;
+  const A scale = A(p.options.scale);
+  A* q = ws;
+  A* k = q + Tp * ld;
+  A* v = k + Tp * ld;
+  A* go = v + Tp * ld;
+  A* gq = go + Tp * ld;
+  A* gk = gq + Tp * ld;
+  A* gv = gk + Tp * ld;
+  A* kt = gv + Tp * ld;
+  A* vt = kt + Dp * 4 * kLanes<A>;
+  A* pb = vt + Dp * 4 * kLanes<A>;
+  A* dpb = pb + Tp * 4 * kLanes<A>;
+  A* lse2 = dpb + Tp * 4 * kLanes<A>;  // [h][t]
+  A* delta = lse2 + H * Tp;            // [h][t]
+  A* limit = delta + H * Tp;
+
+  stage_position(static_cast<const T*>(a.q.data), a.q.stride, sh, b, s, Tp, Dp, scale, q);
+  stage_position(static_cast<const T*>(a.k.data), a.k.stride, sh, b, s, Tp, Dp, A(1), k);
+  stage_position(static_cast<const T*>(a.v.data), a.v.stride, sh, b, s, Tp, Dp, A(1), v);
+  stage_position(static_cast<const T*>(a.grad_out.data), a.grad_out.stride, sh, b, s, Tp, Dp, A(1), go);
+  for (const Strided* x : {&a.q, &a.k, &a.v, &a.grad_out, &a.out})
+    prefetch_position(static_cast<const T*>(x->data), x->stride, sh, task + 1);
+  std::memset(static_cast<void*>(gq), 0, sizeof(A) * 3 * Tp * ld);
+  const T* o = static_cast<const T*>(a.out.data);
+  const A* lse = static_cast<const A*>(a.lse.data);
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const T* oi = o + b * a.out.stride[0] + t * a.out.stride[1] + s * a.out.stride[2] + h * a.out.stride[3];
+      const A* gi = go + (t * H + h) * Dp;
+      A acc = 0;
+      for (int64_t e = 0; e < D; ++e) acc += gi[e] * load_as<A>(oi[e]);
+      delta[h * Tp + t] = acc;
+      lse2[h * Tp + t] =
+          lse[b * a.lse.stride[0] + t * a.lse.stride[1] + s * a.lse.stride[2] + h * a.lse.stride[3]] * A(kLog2e);
+    }
+  for (int64_t i = 0; i < T_; ++i) limit[i] = A(p.key_limit(task, i));
+  for (int64_t h = 0; h < H; ++h) {
+    transpose_rows(k + h * Dp, ld, T_, Dp, kt, NK);
+    transpose_rows(v + h * Dp, ld, T_, Dp, vt, NK);
+    const BackwardTile<A> tile{q + h * Dp, ld, go + h * Dp, ld, kt, vt, k + h * Dp, ld, Dp,
+                               gv + h * Dp, gk + h * Dp, ld, gq + h * Dp, ld};
+    backward_tile<A>(tile, nv, 0, T_, T_, Tp, lse2 + h * Tp, delta + h * Tp, limit, pb, dpb);
+  }
+  unstage_position(gq, sh, b, s, Dp, scale, static_cast<T*>(a.grad_q.data), a.grad_q.stride);
+  unstage_position(gk, sh, b, s, Dp, A(1), static_cast<T*>(a.grad_k.data), a.grad_k.stride);
+  unstage_position(gv, sh, b, s, Dp, A(1), static_cast<T*>(a.grad_v.data), a.grad_v.stride);
+}
+
 // One multiversioned entry per storage type; the templates above inline into each clone.
-#define SKY_TASKS(T, A, NAME)                                                                           \
-  SKY_CLONES void forward_##NAME(const ForwardArgs& a, int64_t task, A* ws) { forward_task<T, A>(a, task, ws); } \
-  SKY_CLONES void backward_##NAME(const BackwardArgs& a, int64_t task, A* ws) { backward_task<T, A>(a, task, ws); }
+#define SKY_TASKS(T, A, NAME)                                                                                  \
+  SKY_CLONES void forward_##NAME(const ForwardArgs& a, int64_t task, A* ws) { forward_task<T, A>(a, task, ws); }    \
+  SKY_CLONES void backward_##NAME(const BackwardArgs& a, int64_t task, A* ws) { backward_task<T, A>(a, task, ws); } \
+  SKY_CLONES void temporal_forward_##NAME(const ForwardArgs& a, int64_t task, A* ws) {                              \
+    temporal_forward_task<T, A>(a, task, ws);                                                                       \
+  }                                                                                                                 \
+  SKY_CLONES void temporal_backward_##NAME(const BackwardArgs& a, int64_t task, A* ws) {                            \
+    temporal_backward_task<T, A>(a, task, ws);                                                                      \
+  }
 SKY_TASKS(float, float, f32)
 SKY_TASKS(double, double, f64)
 SKY_TASKS(Half, float, f16)
 SKY_TASKS(BFloat16, float, bf16)
 #undef SKY_TASKS
 
+// chunk: consecutive tasks a thread takes at a time.
 template <class A, class Args>
-void run_tasks(const Args& args, int64_t tasks, int64_t workspace, void (*task_fn)(const Args&, int64_t, A*)) {
+void run_tasks(const Args& args, int64_t tasks, int64_t workspace, void (*task_fn)(const Args&, int64_t, A*),
+               int64_t chunk = 1) {
 #pragma omp parallel
   {
     std::vector<A> ws(size_t(workspace) + 64);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < tasks; ++t) task_fn(args, t, ws.data());
   }
 }
@@ -491,6 +733,18 @@ Problem make_problem(DType dtype, const AttentionShape& shape, const AttentionOp
   return p;
 }
 
+
+// The generic tasks, or the temporal ones where every sequence is a single key tile.
+template <class A, class Args>
+void run_attention(const Problem& p, const Args& args, void (*generic)(const Args&, int64_t, A*),
+                   void (*temporal)(const Args&, int64_t, A*), int64_t generic_tasks, int64_t generic_workspace,
+                   int64_t temporal_workspace) {
+  if (temporal_single_tile(p, kLanes<A>))  // runs of consecutive positions, for prefetch_position
+    run_tasks<A>(args, p.groups, temporal_workspace, temporal, 16);
+  else
+    run_tasks<A>(args, generic_tasks, generic_workspace, generic);
+}
+
 }  // namespace
 
 void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
@@ -499,12 +753,16 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
   if (p.L == 0 || p.groups == 0 || shape.heads == 0 || shape.head_dim == 0) return;
   const ForwardArgs args{p, q, k, v, out, lse};
   const int64_t tasks = p.groups * shape.heads * ((p.L + kBlockQ - 1) / kBlockQ);
+#define SKY_RUN(A, NAME)                                                                                  \
+  return run_attention<A>(p, args, forward_##NAME, temporal_forward_##NAME, tasks, forward_workspace<A>(p), \
+                          temporal_forward_workspace<A>(p))
   switch (dtype) {
-    case DType::kFloat32: return run_tasks<float>(args, tasks, forward_workspace<float>(p), forward_f32);
-    case DType::kFloat64: return run_tasks<double>(args, tasks, forward_workspace<double>(p), forward_f64);
-    case DType::kFloat16: return run_tasks<float>(args, tasks, forward_workspace<float>(p), forward_f16);
-    case DType::kBFloat16: return run_tasks<float>(args, tasks, forward_workspace<float>(p), forward_bf16);
+    case DType::kFloat32: SKY_RUN(float, f32);
+    case DType::kFloat64: SKY_RUN(double, f64);
+    case DType::kFloat16: SKY_RUN(float, f16);
+    case DType::kBFloat16: SKY_RUN(float, bf16);
   }
+#undef SKY_RUN
 }
 
 void attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided grad_out,
@@ -514,12 +772,16 @@ void attention_backward(DType dtype, const AttentionShape& shape, const Attentio
   if (p.L == 0 || p.groups == 0 || shape.heads == 0 || shape.head_dim == 0) return;
   const BackwardArgs args{p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v};
   const int64_t tasks = p.groups * shape.heads;
+#define SKY_RUN(A, NAME)                                                                                     \
+  return run_attention<A>(p, args, backward_##NAME, temporal_backward_##NAME, tasks, backward_workspace<A>(p), \
+                          temporal_backward_workspace<A>(p))
   switch (dtype) {
-    case DType::kFloat32: return run_tasks<float>(args, tasks, backward_workspace<float>(p), backward_f32);
-    case DType::kFloat64: return run_tasks<double>(args, tasks, backward_workspace<double>(p), backward_f64);
-    case DType::kFloat16: return run_tasks<float>(args, tasks, backward_workspace<float>(p), backward_f16);
-    case DType::kBFloat16: return run_tasks<float>(args, tasks, backward_workspace<float>(p), backward_bf16);
+    case DType::kFloat32: SKY_RUN(float, f32);
+    case DType::kFloat64: SKY_RUN(double, f64);
+    case DType::kFloat16: SKY_RUN(float, f16);
+    case DType::kBFloat16: SKY_RUN(float, bf16);
   }
+#undef SKY_RUN
 }
 
 }  // namespace skyloom::cpu
