@@ -2,7 +2,8 @@
 //
 // Work is split into tasks: forward, one per (sequence, head, block of kBlockQ queries);
 // backward, one per (sequence, head), which walks key blocks outermost so dK/dV accumulate
-// in a small tile and dQ in one per-task buffer: deterministic, no atomics.
+// in a small tile and dQ in one per-task buffer: deterministic, no atomics. Temporal mode with
+// single-tile sequences has its own tasks, one per spatial position (see "temporal mode" below).
 // Inside a task every operand tile is packed once into a zero-padded accumulation-type
 // buffer, so the inner loops are two small register-blocked GEMMs written with GCC vector
 // extensions (64-byte vectors), a vectorised exp2, and no dtype or stride logic.
@@ -610,9 +611,9 @@ SKY_INLINE void temporal_forward_task(const ForwardArgs& a, int64_t task, A* ws)
   prefetch_position(static_cast<const T*>(a.v.data), a.v.stride, sh, task + 1);
   std::memset(static_cast<void*>(o), 0, sizeof(A) * Tp * ld);
   A* lse = static_cast<A*>(a.lse.data);
+  for (int64_t i = 0; i < Tp; ++i) limit[i] = A(i < T_ ? p.key_limit(task, i) : 0);
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t i = 0; i < Tp; ++i) {
-      limit[i] = A(i < T_ ? p.key_limit(task, i) : 0);
       m[i] = -std::numeric_limits<A>::infinity();
       l[i] = 0;
     }
