@@ -13,6 +13,7 @@ events, warm-up and an L2 flush before every timed call; TFLOP/s and the fractio
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import platform
 import statistics
@@ -21,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from skyloom import ops, reference_ops
+from skyloom import _C, ops, reference_ops
 
 # bf16 dense tensor-core peaks (TFLOP/s) for the fraction-of-peak column
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -168,7 +169,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# skyloom.ops benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, skyloom._C {__import__('skyloom')._C.build_info()}")
+          f"{torch.get_num_threads()} threads, skyloom._C {_C.build_info()}, CPU kernels "
+          f"{os.environ.get('SKYLOOM_CPU_CAPABILITY') or _C.cpu_capabilities()[0]} (of {_C.cpu_capabilities()})")
     if args.device in ("cpu", "all"):
         bench_cpu(args.repeats, args.quick)
     if args.device in ("cuda", "all"):

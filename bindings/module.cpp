@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "cpu/attention.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -43,6 +45,9 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "skyloom's compiled kernels; the tensor ops live under torch.ops.skyloom";
+  m.def("cpu_capabilities", &skyloom::cpu::cpu_capabilities,
+        "The instruction sets of the CPU attention kernels this CPU runs, widest first; the first is used "
+        "unless the environment variable SKYLOOM_CPU_CAPABILITY names another.");
   m.def("build_info", &build_info,
         "How this extension was built: compiler, CUDA on/off, CUDA archs, the torch version it was built against.");
 }

@@ -2,17 +2,21 @@
 every dtype and mask, awkward sizes and strides, the fake/autograd registrations (opcheck), and the
 errors a caller gets for bad input."""
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skyloom import ops, reference_ops
+from skyloom import _C, ops, reference_ops
 from tests.strategies import attention_problems, low_precision_dtypes, patch_problems
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# The attention tests run every instruction-set build of the CPU kernels this CPU can run, and CUDA.
+ATTENTION_TARGETS = [f"cpu-{c}" for c in _C.cpu_capabilities()] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 LAYOUTS = ["contiguous", "permuted", "sliced", "head_dim_strided"]
 
 
@@ -25,6 +29,22 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "head_dim_strided":  # head_dim not unit-stride
         return t.transpose(3, 4).contiguous().transpose(3, 4)
     return t
+
+
+@contextlib.contextmanager
+def _on(target: str):
+    """Yields target's torch device, with the CPU kernels pinned to its instruction set meanwhile."""
+    device, _, capability = target.partition("-")
+    saved = os.environ.get("SKYLOOM_CPU_CAPABILITY")
+    if capability:
+        os.environ["SKYLOOM_CPU_CAPABILITY"] = capability
+    try:
+        yield device
+    finally:
+        if saved is None:
+            os.environ.pop("SKYLOOM_CPU_CAPABILITY", None)
+        else:
+            os.environ["SKYLOOM_CPU_CAPABILITY"] = saved
 
 
 def _attention_inputs(problem, dtype, device, seed, requires_grad=True):
@@ -112,10 +132,15 @@ def test_patchify_bad_inputs():
 # --- spacetime attention -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
 @given(problem=attention_problems(), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
 @settings(max_examples=30)
-def test_attention_float32_matches_reference(device, problem, layout, seed):
+def test_attention_float32_matches_reference(target, problem, layout, seed):
+    with _on(target) as device:
+        _check_float32_matches_reference(device, problem, layout, seed)
+
+
+def _check_float32_matches_reference(device, problem, layout, seed):
     if device == "cuda" and problem["shape"][-1] not in ops.CUDA_HEAD_DIMS:
         problem = dict(problem, shape=problem["shape"][:-1] + (32,))
     (q, k, v), valid = _attention_inputs(problem, torch.float32, device, seed)
@@ -126,11 +151,16 @@ def test_attention_float32_matches_reference(device, problem, layout, seed):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({problem}): {m}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
 @given(problem=attention_problems(max_tokens=96), dtype_name=low_precision_dtypes, seed=st.integers(0, 2**16))
 @settings(max_examples=20)
-def test_attention_low_precision_error_within_twice_torchs(device, problem, dtype_name, seed):
+def test_attention_low_precision_error_within_twice_torchs(target, problem, dtype_name, seed):
     """Against a float64 reference, our fp16/bf16 error is at most 2x PyTorch's own at that precision."""
+    with _on(target) as device:
+        _check_low_precision_error(device, problem, dtype_name, seed)
+
+
+def _check_low_precision_error(device, problem, dtype_name, seed):
     if device == "cuda" and problem["shape"][-1] not in ops.CUDA_HEAD_DIMS:
         problem = dict(problem, shape=problem["shape"][:-1] + (64,))
     dtype = getattr(torch, dtype_name)
@@ -159,16 +189,18 @@ CASES = [  # (mode, causal, valid_lengths)
 ]
 
 
+@pytest.mark.parametrize("target", [t for t in ATTENTION_TARGETS if isinstance(t, str)])
 @pytest.mark.parametrize("mode,causal,valid", CASES)
-def test_attention_gradcheck_float64(mode, causal, valid):
+def test_attention_gradcheck_float64(target, mode, causal, valid):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 2, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     lengths = None if valid is None else torch.tensor(valid)
     fn = lambda q, k, v: ops.spacetime_attention(q, k, v, mode, causal=causal, valid_lengths=lengths)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
-    # float64 agrees with the reference to rounding, which makes gradcheck meaningful for the kernel
-    torch.testing.assert_close(fn(q, k, v), reference_ops.spacetime_attention(q, k, v, mode, causal=causal,
-                                                                             valid_lengths=lengths))
+    with _on(target):
+        assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+        # float64 agrees with the reference to rounding, which makes gradcheck meaningful for the kernel
+        torch.testing.assert_close(fn(q, k, v), reference_ops.spacetime_attention(q, k, v, mode, causal=causal,
+                                                                                 valid_lengths=lengths))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,12 +218,14 @@ def test_attention_opcheck(device, mode, causal, valid):
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_backward, args)
 
 
-def test_attention_long_sequence_crosses_tiles():
+@pytest.mark.parametrize("target", [t for t in ATTENTION_TARGETS if isinstance(t, str)])
+def test_attention_long_sequence_crosses_tiles(target):
     """More queries and keys than one tile (256 x 64), with a causal mask that cuts tiles mid-way."""
     problem = dict(shape=(1, 5, 67, 1, 16), mode="full", causal=True, valid_lengths=[4])
     (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 3)
     grad_out = torch.randn(problem["shape"])
-    ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    with _on(target):
+        ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
     ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -228,6 +262,15 @@ def test_attention_bad_inputs():
         ops.spacetime_attention(q, q, q, valid_lengths=torch.tensor([3]))
     with pytest.raises(RuntimeError, match="must match"):  # the op checks too
         torch.ops.skyloom.spacetime_attention_forward(q, q[:, :1], q, "full", False, 1.0, None)
+
+
+def test_attention_cpu_capability_override():
+    assert _C.cpu_capabilities()[-1] == "default"
+    q = torch.randn(1, 2, 3, 1, 8)
+    with _on("cpu-sse9"), pytest.raises(ValueError, match=r"SKYLOOM_CPU_CAPABILITY=sse9 .*use one of .*default"):
+        ops.spacetime_attention(q, q, q)
+    with _on("cpu-default"):
+        torch.testing.assert_close(ops.spacetime_attention(q, q, q), reference_ops.spacetime_attention(q, q, q))
 
 
 @pytest.mark.cuda
