@@ -13,8 +13,8 @@ events, warm-up and an L2 flush before every timed call; TFLOP/s and the fractio
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
+import os
 import platform
 import statistics
 import time
