@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "cpu/attention.h"
+#include "cpu/capability.h"
 
 namespace py = pybind11;
 
@@ -46,7 +46,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "skyloom's compiled kernels; the tensor ops live under torch.ops.skyloom";
   m.def("cpu_capabilities", &skyloom::cpu::cpu_capabilities,
-        "The instruction sets of the CPU attention kernels this CPU runs, widest first; the first is used "
+        "The instruction sets of the CPU kernels (attention, patchify) this CPU runs, widest first; the first is used "
         "unless the environment variable SKYLOOM_CPU_CAPABILITY names another.");
   m.def("build_info", &build_info,
         "How this extension was built: compiler, CUDA on/off, CUDA archs, the torch version it was built against.");

@@ -16,7 +16,8 @@ from tests.strategies import attention_problems, low_precision_dtypes, patch_pro
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # The attention tests run every instruction-set build of the CPU kernels this CPU can run, and CUDA.
-ATTENTION_TARGETS = [f"cpu-{c}" for c in _C.cpu_capabilities()] + [pytest.param("cuda", marks=pytest.mark.cuda)]
+# "cpu-<instruction set>" for each copy of the CPU kernels this CPU runs, then CUDA
+TARGETS = [f"cpu-{c}" for c in _C.cpu_capabilities()] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 LAYOUTS = ["contiguous", "permuted", "sliced", "head_dim_strided"]
 
 
@@ -64,21 +65,36 @@ def _run(fn, q, k, v, problem, valid, grad_out):
 # --- patchify ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @given(problem=patch_problems(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        strided=st.booleans())
 @settings(max_examples=20)
-def test_patchify_matches_reference_and_round_trips(device, problem, dtype, strided):
+def test_patchify_matches_reference_and_round_trips(target, problem, dtype, strided):
     shape, patch = problem
-    x = torch.randn(shape).to(device=device, dtype=dtype)
-    if strided:  # channels-last-like storage: W is not the unit-stride axis
-        x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
-    tokens = ops.patchify(x, patch)
-    assert torch.equal(tokens, reference_ops.patchify(x, patch))
-    grid = (shape[2] // patch[0], shape[3] // patch[1], shape[4] // patch[2])
-    assert torch.equal(ops.unpatchify(tokens, patch, grid), x)  # bit-exact identity
-    strided_tokens = tokens.transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(ops.unpatchify(strided_tokens, patch, grid), x)
+    with _on(target) as device:
+        x = torch.randn(shape).to(device=device, dtype=dtype)
+        if strided:  # channels-last-like storage: W is not the unit-stride axis
+            x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+        tokens = ops.patchify(x, patch)
+        assert torch.equal(tokens, reference_ops.patchify(x, patch))
+        grid = (shape[2] // patch[0], shape[3] // patch[1], shape[4] // patch[2])
+        assert torch.equal(ops.unpatchify(tokens, patch, grid), x)  # bit-exact identity
+        strided_tokens = tokens.transpose(1, 2).contiguous().transpose(1, 2)
+        assert torch.equal(ops.unpatchify(strided_tokens, patch, grid), x)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("dtype,pw", [(torch.float32, 2), (torch.bfloat16, 4), (torch.float16, 4), (torch.float32, 4)])
+@pytest.mark.parametrize("W_patches", [9, 420])  # 2 tiles of 4 tokens and a tail; more than one block of tokens
+def test_patchify_vector_tiles_and_their_tails(target, dtype, pw, W_patches):
+    """The CPU fast path moves runs of pw pixels in tiles of rows x tokens (4 x 4 with AVX2);
+    10 pixel rows per slab (C = 5, ph = 2) leave 2 rows and some tokens outside whole tiles."""
+    with _on(target):
+        x = torch.randn(2, 5, 3, 4, W_patches * pw).to(dtype)
+        patch = (1, 2, pw)
+        tokens = ops.patchify(x, patch)
+        assert torch.equal(tokens, reference_ops.patchify(x, patch))
+        assert torch.equal(ops.unpatchify(tokens, patch, (3, 2, W_patches)), x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,7 +148,7 @@ def test_patchify_bad_inputs():
 # --- spacetime attention -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @given(problem=attention_problems(), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
 @settings(max_examples=30)
 def test_attention_float32_matches_reference(target, problem, layout, seed):
@@ -151,7 +167,7 @@ def _check_float32_matches_reference(device, problem, layout, seed):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name} ({problem}): {m}")
 
 
-@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @given(problem=attention_problems(max_tokens=96), dtype_name=low_precision_dtypes, seed=st.integers(0, 2**16))
 @settings(max_examples=20)
 def test_attention_low_precision_error_within_twice_torchs(target, problem, dtype_name, seed):
@@ -189,7 +205,7 @@ CASES = [  # (mode, causal, valid_lengths)
 ]
 
 
-@pytest.mark.parametrize("target", [t for t in ATTENTION_TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
 @pytest.mark.parametrize("mode,causal,valid", CASES)
 def test_attention_gradcheck_float64(target, mode, causal, valid):
     g = torch.Generator().manual_seed(0)
@@ -218,7 +234,7 @@ def test_attention_opcheck(device, mode, causal, valid):
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_backward, args)
 
 
-@pytest.mark.parametrize("target", [t for t in ATTENTION_TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
 def test_attention_long_sequence_crosses_tiles(target):
     """More queries and keys than one tile (256 x 64), with a causal mask that cuts tiles mid-way."""
     problem = dict(shape=(1, 5, 67, 1, 16), mode="full", causal=True, valid_lengths=[4])
@@ -264,11 +280,13 @@ def test_attention_bad_inputs():
         torch.ops.skyloom.spacetime_attention_forward(q, q[:, :1], q, "full", False, 1.0, None)
 
 
-def test_attention_cpu_capability_override():
+def test_cpu_capability_override():
     assert _C.cpu_capabilities()[-1] == "default"
     q = torch.randn(1, 2, 3, 1, 8)
     with _on("cpu-sse9"), pytest.raises(ValueError, match=r"SKYLOOM_CPU_CAPABILITY=sse9 .*use one of .*default"):
         ops.spacetime_attention(q, q, q)
+    with _on("cpu-sse9"), pytest.raises(ValueError, match=r"SKYLOOM_CPU_CAPABILITY=sse9"):
+        ops.patchify(torch.randn(1, 2, 1, 4, 4), (1, 2, 2))
     with _on("cpu-default"):
         torch.testing.assert_close(ops.spacetime_attention(q, q, q), reference_ops.spacetime_attention(q, q, q))
 

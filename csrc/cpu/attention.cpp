@@ -9,6 +9,7 @@
 // and picked on every call by what the CPU supports (SKYLOOM_CPU_CAPABILITY overrides it), so one
 // wheel runs on any x86-64 and uses the widest vectors it has.
 #include "cpu/attention.h"
+#include "cpu/capability.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -25,12 +26,6 @@
 
 // Vector values only cross always_inline calls, so the ABI note about wide vectors is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SKY_X86_KERNELS 1  // the AVX-512 and AVX2 builds below (GCC's `#pragma GCC target`)
-#else
-#define SKY_X86_KERNELS 0
-#endif
 
 namespace skyloom::cpu {
 namespace {
@@ -184,33 +179,6 @@ constexpr int kVectorBytes = 16, kVectorRegisters = 16;
 }  // namespace skyloom::cpu::baseline
 
 namespace skyloom::cpu {
-
-std::vector<std::string> cpu_capabilities() {
-  static const std::vector<std::string> supported = [] {
-    std::vector<std::string> names;
-#if SKY_X86_KERNELS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) names.push_back("avx512");
-    if (__builtin_cpu_supports("x86-64-v3")) names.push_back("avx2");
-#endif
-    names.push_back("default");
-    return names;
-  }();
-  return supported;
-}
-
-std::string cpu_capability() {
-  const std::vector<std::string> supported = cpu_capabilities();
-  const char* requested = std::getenv("SKYLOOM_CPU_CAPABILITY");
-  if (requested == nullptr || *requested == '\0') return supported.front();
-  for (const std::string& name : supported)
-    if (name == requested) return name;
-  std::string names;
-  for (const std::string& name : supported) names += (names.empty() ? "" : ", ") + name;
-  throw std::invalid_argument(std::string("SKYLOOM_CPU_CAPABILITY=") + requested +
-                              " is not one this CPU and build support; use one of " + names +
-                              ", or unset it to use the first");
-}
 
 void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
                        Strided k, Strided v, StridedOut out, StridedOut lse) {

@@ -12,8 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "cpu/dtypes.h"
 
@@ -52,13 +50,5 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
 void attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided grad_out,
                         Strided q, Strided k, Strided v, Strided out, Strided lse, StridedOut grad_q,
                         StridedOut grad_k, StridedOut grad_v);
-
-// The instruction sets the kernels are built for that this CPU runs, widest first, from
-// "avx512" (x86-64-v4), "avx2" (x86-64-v3, with FMA) and "default" (always there).
-std::vector<std::string> cpu_capabilities();
-
-// The one the next call uses: the first of cpu_capabilities(), or the one the environment
-// variable SKYLOOM_CPU_CAPABILITY names (std::invalid_argument if this CPU cannot run it).
-std::string cpu_capability();
 
 }  // namespace skyloom::cpu
