@@ -33,7 +33,7 @@ namespace {
 #define SKY_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kBlockQ = 256;  // query rows per tile: K/V tiles are packed once per this many rows
-constexpr int64_t kBlockK = 64;   // keys per tile at most: 4 vectors (16 floats per vector at most)
+constexpr int64_t kBlockK = 64;   // keys per tile at most: 4 AVX-512 vectors, 8 AVX2, 16 SSE2 (of floats)
 
 SKY_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -87,7 +87,7 @@ struct Problem {
 SKY_INLINE int64_t clamp_keys(int64_t visible, int64_t nk) { return visible < 0 ? 0 : (visible > nk ? nk : visible); }
 
 SKY_INLINE int vectors_for(int64_t keys, int64_t lanes) {
-  return keys <= lanes ? 1 : (keys <= 2 * lanes ? 2 : 4);
+  return keys <= lanes ? 1 : (keys <= 2 * lanes ? 2 : int(round_up(keys, 4 * lanes) / lanes));
 }
 
 constexpr double kLog2e = 1.44269504088896340735992468100189214;
