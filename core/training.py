@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from skyloom.atomic_write import write_atomic
-from skyloom.bundle import FORMAT, FORMAT_VERSION, safetensors_state, save_bundle
+from skyloom.bundle import FORMAT, FORMAT_VERSION, BundleError, ModelBundle, load_bundle, safetensors_state, save_bundle
 from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
 from skyloom.sampling import resolution_shift, shift_time
 from skyloom.transformer import DiTConfig, SpacetimeDiT
@@ -71,6 +71,7 @@ AUTOENCODER_DIR = "autoencoder"
 CAPTIONS = "captions.jsonl"
 LOG = "log.jsonl"
 CONFIG = "config.json"
+INIT = "init.json"
 
 STAGE_DEFAULTS = {
     "steps": 1000,  # optimizer steps
@@ -111,6 +112,7 @@ DEFAULTS = {
     "gradient_checkpointing": "auto",  # true | false; auto: on CUDA only
     "weights_dtype": "float16",  # dtype the bundle's weights are stored in
     "output": None,  # the bundle directory (relative to the config file); --out overrides
+    "init": None,  # a trained bundle both models start from (fine-tuning), relative to the config file
     "data": {"path": None, "shapes": None, "captioner": "shapes", "captions_per_clip": 4},
     "text_encoder": {"plugin": "minilm", "config": {}},
     "video_autoencoder": {"plugin": "causal3d", "config": {}},
@@ -178,10 +180,15 @@ def check_config(config: dict, where: str = "config") -> None:
         raise TrainingError(f"{where}: gradient_checkpointing must be true, false or \"auto\", got {config['gradient_checkpointing']!r}")
     if config["weights_dtype"] not in ("float32", "float16", "bfloat16"):
         raise TrainingError(f"{where}: weights_dtype must be float32, float16 or bfloat16, got {config['weights_dtype']!r}")
+    init = config["init"]
+    if init is not None and not (isinstance(init, str) and init):
+        raise TrainingError(f"{where}: init must be the path of a trained model bundle (or null), got {init!r}")
     for stage in ("autoencoder_training", "transformer_training"):
         settings = config[stage]
         for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            _check_int(settings[key], f"{where}: {stage}.{key}", 1)
+            # With an init bundle, 0 autoencoder steps keeps the bundle's autoencoder as it is.
+            low = 0 if key == "steps" and stage == "autoencoder_training" and init is not None else 1
+            _check_int(settings[key], f"{where}: {stage}.{key}", low)
         _check_int(settings["warmup"], f"{where}: {stage}.warmup", 0)
         if not (isinstance(settings["lr"], (int, float)) and settings["lr"] > 0):
             raise TrainingError(f"{where}: {stage}.lr must be a number > 0, got {settings['lr']!r}")
@@ -468,9 +475,13 @@ def _parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 class Run:
     """A run directory: config.json, log.jsonl, captions.jsonl, checkpoints/, autoencoder/."""
 
-    def __init__(self, run_dir: Path, config: dict, *, resume: bool, progress: bool, time_limit_s: float | None, device):
+    def __init__(
+        self, run_dir: Path, config: dict, *, resume: bool, progress: bool, time_limit_s: float | None, device,
+        init_hash: str | None = None,
+    ):
         self.dir, self.config, self.progress = run_dir, config, progress
         self.device = device
+        self.init_hash = init_hash  # the model hash of the init bundle, if the config names one
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.generator = torch.Generator().manual_seed(config["seed"])
         self._open(resume)
@@ -484,7 +495,8 @@ class Run:
                 raise TrainingError(
                     f"run directory {self.dir} already holds a run; pass --resume to continue it, or give a new --run-dir"
                 )
-            stored = json.loads(config_path.read_text(encoding="utf-8"))
+            # Over today's defaults, so that a key added since the run started is not a difference.
+            stored = _merge(DEFAULTS, json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
             if _canonical(stored) != _canonical(self.config):
                 changed = sorted(_differences(stored, self.config))
                 raise TrainingError(
@@ -493,9 +505,18 @@ class Run:
                 )
         elif self.dir.is_dir() and any(self.dir.iterdir()) and not resume:
             raise TrainingError(f"run directory {self.dir} is not empty and holds no run; give an empty or new --run-dir")
+        init_path = self.dir / INIT
+        if self.init_hash is not None and init_path.is_file():
+            if json.loads(init_path.read_text(encoding="utf-8")).get("model_hash") != self.init_hash:
+                raise TrainingError(
+                    f"cannot resume {self.dir}: the init bundle {self.config['init']} has changed since the run started "
+                    "(the model hash of its index and weights differs); restore that bundle, or use a new --run-dir"
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         if not config_path.is_file():
             write_atomic(config_path, _canonical(self.config) + "\n")
+        if self.init_hash is not None and not init_path.is_file():
+            write_atomic(init_path, json.dumps({"init": self.config["init"], "model_hash": self.init_hash}) + "\n")
 
     @contextmanager
     def autocast(self):
@@ -611,7 +632,7 @@ class Run:
             # The random streams as the stage left them, so the transformer stage draws the same
             # numbers whether it follows in this process, after a restart, or in another run.
             save_file({"rng.train": self.generator.get_state(), "rng.torch": torch.get_rng_state()}, str(staging / "rng.safetensors"))
-            stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _autoencoder_config_hash(self.config)}
+            stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _autoencoder_config_hash(self.config, self.init_hash)}
             (staging / "latent_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
             os.replace(staging, target)
         finally:
@@ -638,7 +659,7 @@ class Run:
                 f"{target} has no readable rng.safetensors ({error}; an older skyloom did not write one), so the transformer "
                 "stage could not draw what a straight run draws; delete it to retrain the autoencoder"
             ) from None
-        if stats.get("config_sha256") != _autoencoder_config_hash(self.config):
+        if stats.get("config_sha256") != _autoencoder_config_hash(self.config, self.init_hash):
             raise TrainingError(
                 f"{target} was trained with other data or autoencoder settings; delete it or use a new --run-dir"
             )
@@ -686,8 +707,13 @@ def _config_hash(config: dict) -> str:
 AUTOENCODER_KEYS = ("seed", "device", "mixed_precision", "data", "video_autoencoder", "autoencoder_training")
 
 
-def _autoencoder_config_hash(config: dict) -> str:
-    return _config_hash({key: config[key] for key in AUTOENCODER_KEYS})
+def _autoencoder_config_hash(config: dict, init_hash: str | None) -> str:
+    """With an init bundle the stage starts from its weights, so its model hash counts too (not
+    its path: the same bundle may be named from elsewhere)."""
+    keys = {key: config[key] for key in AUTOENCODER_KEYS}
+    if init_hash is not None:
+        keys["init"] = init_hash
+    return _config_hash(keys)
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -854,6 +880,37 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
 # --- entry point ----------------------------------------------------------------------------
 
 
+def load_init(config: dict, base_dir: Path, registry: Registry) -> ModelBundle:
+    """The trained bundle `config["init"]` names (a ModelBundle on the CPU), checked to hold the
+    text encoder, autoencoder and transformer the config builds, so its weights fit them."""
+    path = base_dir / config["init"]
+    try:
+        bundle = load_bundle(path, registry)
+    except BundleError as error:
+        raise TrainingError(f"config: init: {error}") from None
+    if not bundle.trained:
+        raise TrainingError(f"config: init {path} is an untrained bundle (\"trained\": false); name a bundle skyloom train wrote")
+    index = bundle.index
+    ae = index["video_autoencoder"]
+    ae_config = {k: v for k, v in ae.get("config", {}).items() if k not in ("shift_factor", "scaling_factor")}
+    te = index["text_encoder"]
+    dit = bundle.transformer.config.to_dict()
+    given = DiTConfig.from_dict({**dit, **config["transformer"], "gradient_checkpointing": dit["gradient_checkpointing"]}).to_dict()
+    differ = [
+        name for name, same in (
+            ("text_encoder", (te["plugin"], te.get("config", {})) == (config["text_encoder"]["plugin"], config["text_encoder"]["config"])),
+            ("video_autoencoder", (ae["plugin"], ae_config) == (config["video_autoencoder"]["plugin"], config["video_autoencoder"]["config"])),
+            ("transformer", given == dit),
+        ) if not same
+    ]
+    if differ:
+        raise TrainingError(
+            f"config: init {path} holds another {', '.join(differ)} than the config builds; an init bundle's weights must "
+            f"fit the config's architecture, so copy those sections from {path / 'model_index.json'} or train from scratch"
+        )
+    return bundle
+
+
 def _say(message: str) -> None:
     """A milestone on stderr (the bars show only on a terminal; a log file gets these)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -891,8 +948,19 @@ def train(
         output = base_dir / config["output"]
     run_dir, output = Path(run_dir), Path(output)
     device = _device(config)
+    init = None
+    if config["init"] is not None:  # checked before the run directory is made; its RNG draws are its own
+        with torch.random.fork_rng(devices=[]):
+            init = load_init(config, base_dir, registry)
+        if output.resolve() == init.path.resolve():
+            raise TrainingError(f"the output bundle {output} is the init bundle; write the new bundle elsewhere (--out DIR)")
     torch.manual_seed(config["seed"])
-    run = Run(run_dir, config, resume=resume, progress=progress, time_limit_s=time_limit_s, device=device)
+    run = Run(
+        run_dir, config, resume=resume, progress=progress, time_limit_s=time_limit_s, device=device,
+        init_hash=None if init is None else init.model_hash,
+    )
+    if init is not None:
+        _say(f"starting from the weights of {init.path} ({init.name})")
     _say(f"run {run_dir} on {device}: preparing the data")
     clips = prepare_data(config, run_dir, registry, progress, base_dir)
     buckets = [clip.bucket for clip in clips]
@@ -910,9 +978,16 @@ def train(
         )
     vae.config.shift_factor, vae.config.scaling_factor = 0.0, 1.0  # raw latents while it trains
     vae.to(device)
+    if init is not None:
+        vae.load_state_dict(init.video_autoencoder.state_dict())
     ae_settings = config["autoencoder_training"]
     stats = run.load_autoencoder(vae)
-    if stats is None:
+    if stats is None and ae_settings["steps"] == 0:  # the init bundle's autoencoder, unchanged
+        _say("autoencoder: the init bundle's, unchanged; encoding the latents")
+        raw = encode_latents(vae.eval(), clips, device, progress)
+        stats = (init.video_autoencoder.config.shift_factor, init.video_autoencoder.config.scaling_factor)
+        run.save_autoencoder(vae, *stats)
+    elif stats is None:
         _say(f"autoencoder: training to step {ae_settings['steps']}")
         stage = Stage(
             "autoencoder", vae, ae_settings, BucketBatches(buckets, ae_settings["batch_size"], config["seed"]),
@@ -948,6 +1023,8 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"] * 1000 + 2)
         dit = SpacetimeDiT(dit_config).to(device)
+    if init is not None:
+        dit.load_state_dict(init.transformer.state_dict())
     text_encoder = text_encoder.to(device) or text_encoder
     _say("encoding the captions")
     captions_of = CaptionTable(text_encoder, clips, progress)
@@ -964,12 +1041,14 @@ def train(
     dit_ema = run_stage(stage, run)
 
     # 3. The bundle: EMA weights, the config and the log.
-    bundle = write_bundle(config, run, output, vae, dit_ema, dit_config)
+    bundle = write_bundle(config, run, output, vae, dit_ema, dit_config, init)
     _say(f"wrote {bundle}")
     return bundle
 
 
-def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: SpacetimeDiT, dit_config: DiTConfig) -> Path:
+def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: SpacetimeDiT, dit_config: DiTConfig, init: ModelBundle | None = None) -> Path:
+    """The bundle, with the run's config and log in training/; a fine-tuned one also keeps its
+    init bundle's training/ (config, log and its own init, if any) in training/init/."""
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["weights_dtype"]]
     vae_config = dict(config["video_autoencoder"]["config"])
     vae_config.update(shift_factor=vae.config.shift_factor, scaling_factor=vae.config.scaling_factor)
@@ -990,6 +1069,13 @@ def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: Spac
         "training/config.json": (run.dir / CONFIG).read_bytes(),
         "training/log.jsonl": (run.dir / LOG).read_bytes() if (run.dir / LOG).is_file() else b"",
     }
+    if init is not None:
+        index["training"]["init"] = {"name": init.name, "model_hash": init.model_hash, "training": "training/init"}
+        history = init.path / "training"
+        if history.is_dir():
+            for file in sorted(history.rglob("*")):
+                if file.is_file():
+                    extra[f"training/init/{file.relative_to(history).as_posix()}"] = file.read_bytes()
     components = {
         "video_autoencoder": copy.deepcopy(vae).to("cpu", dtype),
         "transformer": copy.deepcopy(dit).to("cpu", dtype),

@@ -84,17 +84,29 @@ def test_patchify_matches_reference_and_round_trips(target, problem, dtype, stri
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
-@pytest.mark.parametrize("dtype,pw", [(torch.float32, 2), (torch.bfloat16, 4), (torch.float16, 4), (torch.float32, 4)])
+@pytest.mark.parametrize(
+    "dtype,ph,pw",  # every dtype and patch width whose runs are 8 bytes, and an odd row count
+    [(torch.float32, 2, 2), (torch.bfloat16, 2, 4), (torch.float16, 2, 4), (torch.float64, 2, 1), (torch.float32, 1, 2),
+     (torch.float32, 2, 4)],
+)
 @pytest.mark.parametrize("W_patches", [9, 420])  # 2 tiles of 4 tokens and a tail; more than one block of tokens
-def test_patchify_vector_tiles_and_their_tails(target, dtype, pw, W_patches):
-    """The CPU fast path moves runs of pw pixels in tiles of rows x tokens (4 x 4 with AVX2);
-    10 pixel rows per slab (C = 5, ph = 2) leave 2 rows and some tokens outside whole tiles."""
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+def test_patchify_vector_tiles_and_their_tails(target, dtype, ph, pw, W_patches, layout):
+    """The CPU fast path moves runs of pw pixels in tiles of rows x tokens (4 x 4 with AVX2, 2 x 2
+    without); C = 5 gives 10 or 5 pixel rows per slab, so rows and tokens are left outside whole
+    tiles. "padded": rows and frames further apart than the shape says (a crop of every other
+    frame) and tokens further apart than their features (a slice of wider ones)."""
+    C, T, H, W = 5, 3, 4, W_patches * pw
+    patch, grid = (1, ph, pw), (T, H // ph, W_patches)
     with _on(target):
-        x = torch.randn(2, 5, 3, 4, W_patches * pw).to(dtype)
-        patch = (1, 2, pw)
+        x = torch.randn(2, C, 2 * T, H, W + 3).to(dtype)[:, :, ::2, :, :W]
+        if layout == "contiguous":
+            x = x.contiguous()
         tokens = ops.patchify(x, patch)
         assert torch.equal(tokens, reference_ops.patchify(x, patch))
-        assert torch.equal(ops.unpatchify(tokens, patch, (3, 2, W_patches)), x)
+        F = tokens.shape[-1]
+        source = torch.cat([tokens, torch.zeros_like(tokens[..., :3])], dim=-1)[..., :F] if layout == "padded" else tokens
+        assert torch.equal(ops.unpatchify(source, patch, grid), x.contiguous())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -172,6 +172,69 @@ def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, da
         _train(changed, other, resume=True)
 
 
+def _fine_tune_config(folder: Path, dataset: Path, init: str, **changes) -> Path:
+    folder.mkdir(exist_ok=True)
+    kept = {**TINY["autoencoder_training"], "steps": 0}  # the init bundle's autoencoder, unchanged
+    return _config_file(folder, dataset, init=init, autoencoder_training=kept, **changes)
+
+
+def test_fine_tuning_starts_from_an_init_bundle_and_keeps_its_history(straight_run, dataset, tmp_path):
+    bundle_dir, _ = straight_run
+    init = tmp_path / "init"
+    shutil.copytree(bundle_dir, init)
+    nudge = {**TINY["transformer_training"], "steps": 2, "lr": 1e-12}  # so small that the weights stay the init's
+    path = _fine_tune_config(tmp_path / "tune", dataset, "../init", transformer_training=nudge)
+    tuned = _train(path, tmp_path / "tune" / "run")
+    assert [s for s, *_ in _losses(tmp_path / "tune" / "run")] == ["transformer"] * 2  # the autoencoder was kept
+    start, got = _weights(init), _weights(tuned)
+    assert all(torch.equal(start[k], got[k]) for k in got if k.startswith("video_autoencoder/"))
+    assert all(torch.allclose(start[k].float(), got[k].float(), atol=1e-6) for k in got)
+    index, init_index = (json.loads((b / "model_index.json").read_text()) for b in (tuned, init))
+    for key in ("shift_factor", "scaling_factor"):
+        assert index["video_autoencoder"]["config"][key] == init_index["video_autoencoder"]["config"][key]
+    assert index["training"]["init"] == {"name": "tiny", "model_hash": load_bundle(init, get_registry()).model_hash, "training": "training/init"}
+    for name in ("config.json", "log.jsonl"):  # the whole recipe's history travels with the weights
+        assert (tuned / "training" / "init" / name).read_bytes() == (init / "training" / name).read_bytes()
+    (tmp_path / "scratch").mkdir()
+    fresh = _weights(_train(_config_file(tmp_path / "scratch", dataset, transformer_training=nudge), tmp_path / "scratch" / "run"))
+    assert not all(torch.allclose(start[k].float(), fresh[k].float(), atol=1e-6) for k in fresh if k.startswith("transformer/"))
+
+
+def test_a_fine_tuning_run_resumes_exactly_and_guards_its_init_bundle(straight_run, dataset, tmp_path):
+    bundle_dir, _ = straight_run
+    init = tmp_path / "init"
+    shutil.copytree(bundle_dir, init)
+    path = _fine_tune_config(tmp_path / "tune", dataset, "../init")
+    straight = _train(path, tmp_path / "tune" / "straight")
+    stops = 0
+    while True:
+        try:  # a tiny time limit stops after every step
+            resumed = _train(path, tmp_path / "tune" / "stopped", resume=stops > 0, time_limit_s=1e-9, output=tmp_path / "resumed")
+            break
+        except StopRequested:
+            stops += 1
+    assert stops == 3
+    expected, got = _weights(straight), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert _losses(tmp_path / "tune" / "stopped") == _losses(tmp_path / "tune" / "straight")
+
+    with pytest.raises(TrainingError, match="is the init bundle; write the new bundle elsewhere"):
+        _train(path, tmp_path / "tune" / "onto-init", output=init)
+    index_path = init / "model_index.json"  # the init bundle changes under a run that started from it
+    index_path.write_text(index_path.read_text().replace('"name": "tiny"', '"name": "tiny-2"'))
+    with pytest.raises(TrainingError, match="init bundle ../init has changed since the run started"):
+        _train(path, tmp_path / "tune" / "stopped", resume=True, output=tmp_path / "resumed")
+    wider = _fine_tune_config(tmp_path / "wider", dataset, "../init", transformer={**TINY["transformer"], "hidden_size": 64})
+    with pytest.raises(TrainingError, match="holds another transformer than the config builds"):
+        _train(wider, tmp_path / "wider" / "run")
+    assert not (tmp_path / "wider" / "run").exists()  # refused before the run directory is made
+    untrained = tmp_path / "untrained"
+    shutil.copytree(init, untrained)
+    (untrained / "model_index.json").write_text(index_path.read_text().replace('"trained": true', '"trained": false'))
+    with pytest.raises(TrainingError, match="is an untrained bundle"):
+        _train(_fine_tune_config(tmp_path / "u", dataset, "../untrained"), tmp_path / "u" / "run")
+
+
 def test_run_directory_guards(straight_run, dataset, tmp_path):
     path = _config_file(tmp_path, dataset)
     _, run_dir = straight_run
@@ -210,6 +273,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
         ({"autoencoder_training": {"stepz": 3}}, r"autoencoder_training: unknown key\(s\) \['stepz'\]"),
         ({"autoencoder_training": {"steps": 0}}, "autoencoder_training.steps must be an integer >= 1"),
+        ({"init": 5}, "init must be the path of a trained model bundle"),
         ({"data": {"path": "x", "shapes": {"count": 3}}}, "exactly one of data.path"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
         ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),

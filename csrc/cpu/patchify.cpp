@@ -87,8 +87,9 @@ void move_tiles(const char* const in[], int64_t in_step, char* const out[], int6
 #endif
 
 TileMover tile_mover() {
+  const std::string capability = cpu_capability();  // on every build, so a bad SKYLOOM_CPU_CAPABILITY is an error
 #if SKY_X86_KERNELS
-  if (cpu_capability() != "default") return {4, avx2::move_tiles};  // AVX-512 CPUs run AVX2 too
+  if (capability != "default") return {4, avx2::move_tiles};  // AVX-512 CPUs run the AVX2 tiles
 #endif
   return {2, baseline::move_tiles};
 }
@@ -120,7 +121,8 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
     const int64_t t_slab = b * ts[0] + (gt * GH + gh) * GW * ts[1];
     if constexpr (PH > 0 && PW > 0) {
       const int64_t rows = g.C * g.pt * PH, token_stride = ts[1];  // pixel rows per slab, in feature order
-      const int64_t block = std::max<int64_t>(1, kTokenBlockBytes / (rows * PW * int64_t(sizeof(Elem))));
+      int64_t block = std::max<int64_t>(1, kTokenBlockBytes / (rows * PW * int64_t(sizeof(Elem))));
+      if (block >= 4) block -= block % 4;  // whole tiles of either width, so only the slab's last block has a tail
       const auto v_row = [&](int64_t r) { return v_slab + row_offsets[r]; };
       for (int64_t gw0 = 0; gw0 < GW; gw0 += block) {
         const int64_t gw_end = std::min(GW, gw0 + block);
@@ -128,20 +130,15 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
         if constexpr (sizeof(Elem) * PW == 8) {
           const int64_t L = mover.lanes, tiles = (gw_end - gw0) / L, run = sizeof(Elem) * PW;
           for (; tiles > 0 && r + L <= rows; r += L) {
-            const char* rows_in[4];
-            char* rows_out[4];
-            const char* tokens_in[4];
-            char* tokens_out[4];
+            const char* in[4];  // L pixel rows and L tokens, whichever side is read
+            char* out[4];
             for (int64_t i = 0; i < L; ++i) {
               const int64_t v = v_row(r + i) + gw0 * PW, t = t_slab + (gw0 + i) * token_stride + r * PW;
-              rows_in[i] = reinterpret_cast<const char*>(src + v), rows_out[i] = reinterpret_cast<char*>(dst + v);
-              tokens_in[i] = reinterpret_cast<const char*>(src + t), tokens_out[i] = reinterpret_cast<char*>(dst + t);
+              in[i] = reinterpret_cast<const char*>(src + (kToTokens ? v : t));
+              out[i] = reinterpret_cast<char*>(dst + (kToTokens ? t : v));
             }
             const int64_t row_step = L * run, token_step = L * token_stride * int64_t(sizeof(Elem));
-            if (kToTokens)
-              mover.move(rows_in, row_step, tokens_out, token_step, tiles);
-            else
-              mover.move(tokens_in, token_step, rows_out, row_step, tiles);
+            mover.move(in, kToTokens ? row_step : token_step, out, kToTokens ? token_step : row_step, tiles);
             for (int64_t gw = gw0 + tiles * L; gw < gw_end; ++gw)
               for (int64_t i = 0; i < L; ++i)
                 copy_run<Elem, kToTokens, PW>(src, dst, v_row(r + i) + gw * PW, t_slab + gw * token_stride + (r + i) * PW);
