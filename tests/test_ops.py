@@ -247,6 +247,21 @@ def test_attention_opcheck(device, mode, causal, valid):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("T", [8, 9, 16, 33, 65])  # around one AVX2 vector, one AVX-512 vector, one tile
+@pytest.mark.parametrize("causal", [False, True])
+def test_temporal_attention_around_the_vector_widths(target, T, causal):
+    """Temporal sequences of up to 8 frames run the AVX2 copy on an AVX-512 CPU; longer ones its own."""
+    problem = dict(shape=(1, T, 6, 2, 16), mode="temporal", causal=causal, valid_lengths=None)
+    (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 5)
+    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(6))
+    with _on(target):
+        ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
 def test_attention_long_sequence_crosses_tiles(target):
     """More queries and keys than one tile (256 x 64), with a causal mask that cuts tiles mid-way."""
     problem = dict(shape=(1, 5, 67, 1, 16), mode="full", causal=True, valid_lengths=[4])

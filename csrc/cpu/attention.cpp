@@ -180,9 +180,21 @@ constexpr int kVectorBytes = 16, kVectorRegisters = 16;
 
 namespace skyloom::cpu {
 
+namespace {
+// The instruction set for one call. Temporal sequences whose keys fill one AVX2 vector (T <= 8
+// in fp32 accumulation, 4 in fp64) leave half of every AVX-512 vector empty, and the AVX2 copy
+// ran them 1.2-1.6x as fast on an AVX-512 Xeon (docs/performance.md, 2026-12-04).
+std::string isa_for(DType dtype, const AttentionShape& shape, const AttentionOptions& options) {
+  const std::string isa = cpu_capability();
+  const int64_t avx2_lanes = dtype == DType::kFloat64 ? 4 : 8;
+  if (isa == "avx512" && options.mode == AttentionMode::kTemporal && shape.T <= avx2_lanes) return "avx2";
+  return isa;
+}
+}  // namespace
+
 void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
                        Strided k, Strided v, StridedOut out, StridedOut lse) {
-  const std::string isa = cpu_capability();
+  const std::string isa = isa_for(dtype, shape, options);
 #if SKY_X86_KERNELS
   if (isa == "avx512") return avx512::forward(dtype, shape, options, q, k, v, out, lse);
   if (isa == "avx2") return avx2::forward(dtype, shape, options, q, k, v, out, lse);
@@ -193,7 +205,7 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
 void attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided grad_out,
                         Strided q, Strided k, Strided v, Strided out, Strided lse, StridedOut grad_q,
                         StridedOut grad_k, StridedOut grad_v) {
-  const std::string isa = cpu_capability();
+  const std::string isa = isa_for(dtype, shape, options);
 #if SKY_X86_KERNELS
   if (isa == "avx512")
     return avx512::backward(dtype, shape, options, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
