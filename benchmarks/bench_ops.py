@@ -170,7 +170,8 @@ def main() -> None:
     print(f"# skyloom.ops benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, skyloom._C {_C.build_info()}, CPU kernels "
-          f"{os.environ.get('SKYLOOM_CPU_CAPABILITY') or _C.cpu_capabilities()[0]} (of {_C.cpu_capabilities()})")
+          f"{os.environ.get('SKYLOOM_CPU_CAPABILITY') or _C.cpu_capabilities()[0]} (of {_C.cpu_capabilities()}; "
+          "unpinned, temporal T <= 8 runs avx2 on an avx512 CPU)")
     if args.device in ("cpu", "all"):
         bench_cpu(args.repeats, args.quick)
     if args.device in ("cuda", "all"):

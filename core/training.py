@@ -473,7 +473,8 @@ def _parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Run:
-    """A run directory: config.json, log.jsonl, captions.jsonl, checkpoints/, autoencoder/."""
+    """A run directory: config.json, log.jsonl, captions.jsonl, checkpoints/, autoencoder/, and
+    init.json when the config fine-tunes a bundle."""
 
     def __init__(
         self, run_dir: Path, config: dict, *, resume: bool, progress: bool, time_limit_s: float | None, device,
@@ -699,6 +700,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 
 def _config_hash(config: dict) -> str:
+    if "init" in config and config["init"] is None:  # added later: runs from before it keep their hash
+        config = {key: value for key, value in config.items() if key != "init"}
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
 
 
@@ -1070,12 +1073,13 @@ def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: Spac
         "training/log.jsonl": (run.dir / LOG).read_bytes() if (run.dir / LOG).is_file() else b"",
     }
     if init is not None:
-        index["training"]["init"] = {"name": init.name, "model_hash": init.model_hash, "training": "training/init"}
+        index["training"]["init"] = {"name": init.name, "model_hash": init.model_hash}
         history = init.path / "training"
-        if history.is_dir():
-            for file in sorted(history.rglob("*")):
-                if file.is_file():
-                    extra[f"training/init/{file.relative_to(history).as_posix()}"] = file.read_bytes()
+        files = sorted(f for f in history.rglob("*") if f.is_file()) if history.is_dir() else []
+        for file in files:
+            extra[f"training/init/{file.relative_to(history).as_posix()}"] = file.read_bytes()
+        if files:
+            index["training"]["init"]["training"] = "training/init"
     components = {
         "video_autoencoder": copy.deepcopy(vae).to("cpu", dtype),
         "transformer": copy.deepcopy(dit).to("cpu", dtype),

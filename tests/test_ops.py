@@ -246,19 +246,29 @@ def test_attention_opcheck(device, mode, causal, valid):
     torch.library.opcheck(torch.ops.skyloom.spacetime_attention_backward, args)
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
-@pytest.mark.parametrize("T", [8, 9, 16, 33, 65])  # around one AVX2 vector, one AVX-512 vector, one tile
+TEMPORAL_LENGTHS = [  # around one AVX2 vector of the accumulation type, one AVX-512 vector, one tile
+    *((torch.float32, T) for T in (8, 9, 16, 33, 65)), (torch.float64, 4), (torch.float64, 5), (torch.bfloat16, 8),
+    (torch.bfloat16, 9),
+]
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)] + ["cpu"])
+@pytest.mark.parametrize("dtype,T", TEMPORAL_LENGTHS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_temporal_attention_around_the_vector_widths(target, T, causal):
-    """Temporal sequences of up to 8 frames run the AVX2 copy on an AVX-512 CPU; longer ones its own."""
+def test_temporal_attention_around_the_vector_widths(target, dtype, T, causal):
+    """Unpinned ("cpu"), an AVX-512 CPU runs temporal sequences that fit one AVX2 vector (T <= 8,
+    4 in float64) on the AVX2 copy; pinned, every copy runs them itself."""
     problem = dict(shape=(1, T, 6, 2, 16), mode="temporal", causal=causal, valid_lengths=None)
-    (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 5)
-    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(6))
+    (q, k, v), valid = _attention_inputs(problem, dtype, "cpu", 5)
+    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(6)).to(dtype)
     with _on(target):
         ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
-    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # bf16: the kernel computes in fp32
+    exact = [x.detach().to(wide).requires_grad_(True) for x in (q, k, v)]
+    ref = _run(reference_ops.spacetime_attention, *exact, problem, valid, grad_out.to(wide))
+    tolerance = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-9), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.to(wide), b, atol=tolerance[0], rtol=tolerance[1])
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])

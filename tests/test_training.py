@@ -1,5 +1,6 @@
 """skyloom train: the recipe end to end on a tiny config, exact resume, checkpoints and errors."""
 
+import hashlib
 import json
 import shutil
 import signal
@@ -243,6 +244,21 @@ def test_run_directory_guards(straight_run, dataset, tmp_path):
     changed = _config_file(tmp_path, dataset, seed=5)
     with pytest.raises(TrainingError, match="differs from the one it was started with at seed"):
         _train(changed, run_dir, resume=True)
+
+
+def test_a_run_from_before_a_new_config_key_resumes(dataset, tmp_path):
+    path = _config_file(tmp_path, dataset)
+    with pytest.raises(StopRequested):
+        _train(path, tmp_path / "run", time_limit_s=1e-9)
+    stored = tmp_path / "run" / "config.json"  # as a skyloom without "init" wrote it, and its checkpoint
+    config = json.loads(stored.read_text())
+    del config["init"]
+    stored.write_text(json.dumps(config, sort_keys=True, indent=2) + "\n")
+    (state_path,) = (tmp_path / "run" / "checkpoints").glob("*/state.json")
+    state = json.loads(state_path.read_text())
+    state["config_sha256"] = hashlib.sha256(json.dumps(config, sort_keys=True, indent=2).encode()).hexdigest()
+    state_path.write_text(json.dumps(state))
+    assert _train(path, tmp_path / "run", resume=True).is_dir()
 
 
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(dataset, tmp_path):

@@ -7,7 +7,8 @@
 // attention_kernels.inc, compiled here once per instruction set (AVX-512, AVX2+FMA, and the
 // baseline of the target: SSE2 on x86-64, NEON on arm64) with vectors of that set's native width,
 // and picked on every call by what the CPU supports (SKYLOOM_CPU_CAPABILITY overrides it), so one
-// wheel runs on any x86-64 and uses the widest vectors it has.
+// wheel runs on any x86-64 and uses the widest vectors it has; short temporal sequences take the
+// AVX2 copy on an AVX-512 CPU (isa_for).
 #include "cpu/attention.h"
 #include "cpu/capability.h"
 
@@ -182,12 +183,15 @@ namespace skyloom::cpu {
 
 namespace {
 // The instruction set for one call. Temporal sequences whose keys fill one AVX2 vector (T <= 8
-// in fp32 accumulation, 4 in fp64) leave half of every AVX-512 vector empty, and the AVX2 copy
-// ran them 1.2-1.6x as fast on an AVX-512 Xeon (docs/performance.md, 2026-12-04).
+// in fp32 accumulation, which fp16/bf16 use too; 4 in fp64) leave half of every AVX-512 vector
+// empty, and the AVX2 copy ran them 1.2-1.6x as fast on an AVX-512 Xeon (docs/performance.md,
+// 2026-12-04). A copy pinned by SKYLOOM_CPU_CAPABILITY is always the one that runs.
 std::string isa_for(DType dtype, const AttentionShape& shape, const AttentionOptions& options) {
   const std::string isa = cpu_capability();
-  const int64_t avx2_lanes = dtype == DType::kFloat64 ? 4 : 8;
-  if (isa == "avx512" && options.mode == AttentionMode::kTemporal && shape.T <= avx2_lanes) return "avx2";
+  const int64_t avx2_lanes = 32 / (dtype == DType::kFloat64 ? 8 : 4);
+  const char* requested = std::getenv("SKYLOOM_CPU_CAPABILITY");
+  const bool pinned = requested != nullptr && *requested != '\0';
+  if (isa == "avx512" && !pinned && options.mode == AttentionMode::kTemporal && shape.T <= avx2_lanes) return "avx2";
   return isa;
 }
 }  // namespace
