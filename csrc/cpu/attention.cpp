@@ -189,9 +189,7 @@ namespace {
 std::string isa_for(DType dtype, const AttentionShape& shape, const AttentionOptions& options) {
   const std::string isa = cpu_capability();
   const int64_t avx2_lanes = 32 / (dtype == DType::kFloat64 ? 8 : 4);
-  const char* requested = std::getenv("SKYLOOM_CPU_CAPABILITY");
-  const bool pinned = requested != nullptr && *requested != '\0';
-  if (isa == "avx512" && !pinned && options.mode == AttentionMode::kTemporal && shape.T <= avx2_lanes) return "avx2";
+  if (isa == "avx512" && !cpu_capability_pinned() && options.mode == AttentionMode::kTemporal && shape.T <= avx2_lanes) return "avx2";
   return isa;
 }
 }  // namespace

@@ -19,10 +19,15 @@ std::vector<std::string> cpu_capabilities() {
   return supported;
 }
 
+bool cpu_capability_pinned() {
+  const char* requested = std::getenv("SKYLOOM_CPU_CAPABILITY");
+  return requested != nullptr && *requested != '\0';
+}
+
 std::string cpu_capability() {
   const std::vector<std::string> supported = cpu_capabilities();
+  if (!cpu_capability_pinned()) return supported.front();
   const char* requested = std::getenv("SKYLOOM_CPU_CAPABILITY");
-  if (requested == nullptr || *requested == '\0') return supported.front();
   for (const std::string& name : supported)
     if (name == requested) return name;
   std::string names;

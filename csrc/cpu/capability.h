@@ -22,4 +22,7 @@ std::vector<std::string> cpu_capabilities();
 // variable SKYLOOM_CPU_CAPABILITY names (std::invalid_argument if this CPU cannot run it).
 std::string cpu_capability();
 
+// Whether SKYLOOM_CPU_CAPABILITY names the copy (set and not empty): then it is the one that runs.
+bool cpu_capability_pinned();
+
 }  // namespace skyloom::cpu
