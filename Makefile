@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
+	$(PY) -m benchmarks.bench_training
 
 # The README's picture: frame strips of several prompts from the embedded model.
 showcase: install

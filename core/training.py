@@ -100,6 +100,10 @@ TRANSFORMER_DEFAULTS = {
     **STAGE_DEFAULTS,
     "batch_size": 32,
     "text_dropout": 0.1,  # share of captions replaced by the empty prompt (classifier-free guidance)
+    # torch.compile each transformer block (shape-generic, so new buckets rarely recompile):
+    # fuses the elementwise work of norms, RoPE and modulation. Needs a C++ compiler on the
+    # CPU; the first step pays the compile.
+    "compile": False,
     "logit_normal": [0.0, 1.0],  # (mean, std) of logit(t) before the shift (SD3)
     # Share of samples trained with each kind of known frames; "none" is plain text-to-video.
     "conditioning": {"none": 0.5, "first": 0.15, "last": 0.05, "ends": 0.1, "prefix": 0.1, "suffix": 0.1},
@@ -206,6 +210,8 @@ def check_config(config: dict, where: str = "config") -> None:
         )
     if not 0 <= config["transformer_training"]["text_dropout"] < 1:
         raise TrainingError(f"{where}: transformer_training.text_dropout must be in [0, 1)")
+    if not isinstance(config["transformer_training"]["compile"], bool):
+        raise TrainingError(f"{where}: transformer_training.compile must be true or false, got {config['transformer_training']['compile']!r}")
     try:
         DiTConfig.from_dict(config["transformer"])
     except (TypeError, ValueError) as error:
@@ -699,9 +705,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
     return {"state": state, "param_groups": groups}
 
 
+# Keys added after runs had been written, with their defaults: left out of a config's hash at
+# those defaults, so checkpoints written before a key existed still resume.
+ADDED_KEYS = {("init",): None, ("transformer_training", "compile"): False}
+
+
 def _config_hash(config: dict) -> str:
-    if "init" in config and config["init"] is None:  # added later: runs from before it keep their hash
-        config = {key: value for key, value in config.items() if key != "init"}
+    config = copy.deepcopy(config)
+    for path, default in ADDED_KEYS.items():
+        *parents, key = path
+        section = config
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section and section[key] == default:
+            del section[key]
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
 
 
@@ -1028,6 +1045,14 @@ def train(
         dit = SpacetimeDiT(dit_config).to(device)
     if init is not None:
         dit.load_state_dict(init.transformer.state_dict())
+    if config["transformer_training"]["compile"]:
+        if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+            raise TrainingError(
+                "config: transformer_training.compile needs a C++ compiler on the CPU (Inductor builds its kernels "
+                "with one): install g++ (or set CXX), or set compile to false"
+            )
+        for block in dit.blocks:  # in place: the weights' names, the EMA copy and the bundle stay plain
+            block.compile(dynamic=True)
     text_encoder = text_encoder.to(device) or text_encoder
     _say("encoding the captions")
     captions_of = CaptionTable(text_encoder, clips, progress)

@@ -173,6 +173,52 @@ def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, da
         _train(changed, other, resume=True)
 
 
+def test_a_compiled_transformer_trains_as_the_plain_one_and_resumes_exactly(straight_run, dataset, tmp_path, monkeypatch):
+    bundle_dir, run_dir = straight_run
+    compiled_modules = []
+    compile_module = torch.nn.Module.compile
+
+    def spy(module, *args, **kwargs):
+        compiled_modules.append(type(module).__name__)
+        return compile_module(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    path = _config_file(tmp_path, dataset, transformer_training={**TINY["transformer_training"], "compile": True})
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for folder in (straight, stopped):
+        shutil.copytree(run_dir / "autoencoder", folder / "autoencoder")
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = _weights(_train(path, straight, resume=True, output=tmp_path / "compiled"))
+    assert compiled_modules == ["DiTBlock"] * TINY["transformer"]["depth"]
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did capture them
+    plain = _weights(bundle_dir)
+    assert compiled.keys() == plain.keys()  # the bundle holds the plain blocks' weights
+    # Fused kernels round differently: the same losses to rounding, not bit for bit.
+    expected = [loss for stage, _, loss, _ in _losses(run_dir) if stage == "transformer"]
+    got = [loss for *_, loss, _ in _losses(straight)]
+    assert got == pytest.approx(expected, rel=1e-3)
+
+    while True:
+        try:  # stops after every step, recompiling (or reusing the compiled graph) each time
+            resumed = _weights(_train(path, stopped, resume=True, output=tmp_path / "resumed", time_limit_s=1e-9))
+            break
+        except StopRequested:
+            pass
+    assert all(torch.equal(compiled[k], resumed[k]) for k in compiled)
+    assert _losses(stopped) == _losses(straight)
+
+
+def test_compiling_without_a_cpp_compiler_is_a_clear_error(straight_run, dataset, tmp_path, monkeypatch):
+    _, run_dir = straight_run
+    path = _config_file(tmp_path, dataset, transformer_training={**TINY["transformer_training"], "compile": True})
+    shutil.copytree(run_dir / "autoencoder", tmp_path / "run" / "autoencoder")
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    with pytest.raises(TrainingError, match="compile needs a C\\+\\+ compiler on the CPU"):
+        _train(path, tmp_path / "run", resume=True)
+
+
 def _fine_tune_config(folder: Path, dataset: Path, init: str, **changes) -> Path:
     folder.mkdir(exist_ok=True)
     kept = {**TINY["autoencoder_training"], "steps": 0}  # the init bundle's autoencoder, unchanged
@@ -250,9 +296,9 @@ def test_a_run_from_before_a_new_config_key_resumes(dataset, tmp_path):
     path = _config_file(tmp_path, dataset)
     with pytest.raises(StopRequested):
         _train(path, tmp_path / "run", time_limit_s=1e-9)
-    stored = tmp_path / "run" / "config.json"  # as a skyloom without "init" wrote it, and its checkpoint
+    stored = tmp_path / "run" / "config.json"  # as a skyloom without the added keys wrote it, and its checkpoint
     config = json.loads(stored.read_text())
-    del config["init"]
+    del config["init"], config["transformer_training"]["compile"]
     stored.write_text(json.dumps(config, sort_keys=True, indent=2) + "\n")
     (state_path,) = (tmp_path / "run" / "checkpoints").glob("*/state.json")
     state = json.loads(state_path.read_text())
@@ -290,6 +336,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"autoencoder_training": {"stepz": 3}}, r"autoencoder_training: unknown key\(s\) \['stepz'\]"),
         ({"autoencoder_training": {"steps": 0}}, "autoencoder_training.steps must be an integer >= 1"),
         ({"init": 5}, "init must be the path of a trained model bundle"),
+        ({"transformer_training": {"compile": "yes"}}, "transformer_training.compile must be true or false"),
         ({"data": {"path": "x", "shapes": {"count": 3}}}, "exactly one of data.path"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
         ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),
