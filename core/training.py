@@ -968,6 +968,12 @@ def train(
         output = base_dir / config["output"]
     run_dir, output = Path(run_dir), Path(output)
     device = _device(config)
+    if config["transformer_training"]["compile"] and device.type == "cpu":  # checked before any stage runs
+        if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+            raise TrainingError(
+                "config: transformer_training.compile needs a C++ compiler on the CPU (Inductor builds its kernels "
+                "with one): install g++ (or set CXX), or set compile to false"
+            )
     init = None
     if config["init"] is not None:  # checked before the run directory is made; its RNG draws are its own
         with torch.random.fork_rng(devices=[]):
@@ -1046,11 +1052,6 @@ def train(
     if init is not None:
         dit.load_state_dict(init.transformer.state_dict())
     if config["transformer_training"]["compile"]:
-        if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
-            raise TrainingError(
-                "config: transformer_training.compile needs a C++ compiler on the CPU (Inductor builds its kernels "
-                "with one): install g++ (or set CXX), or set compile to false"
-            )
         for block in dit.blocks:  # in place: the weights' names, the EMA copy and the bundle stay plain
             block.compile(dynamic=True)
     text_encoder = text_encoder.to(device) or text_encoder

@@ -210,13 +210,12 @@ def test_a_compiled_transformer_trains_as_the_plain_one_and_resumes_exactly(stra
     assert _losses(stopped) == _losses(straight)
 
 
-def test_compiling_without_a_cpp_compiler_is_a_clear_error(straight_run, dataset, tmp_path, monkeypatch):
-    _, run_dir = straight_run
+def test_compiling_without_a_cpp_compiler_is_a_clear_error(dataset, tmp_path, monkeypatch):
     path = _config_file(tmp_path, dataset, transformer_training={**TINY["transformer_training"], "compile": True})
-    shutil.copytree(run_dir / "autoencoder", tmp_path / "run" / "autoencoder")
     monkeypatch.setattr(training.shutil, "which", lambda name: None)
     with pytest.raises(TrainingError, match="compile needs a C\\+\\+ compiler on the CPU"):
-        _train(path, tmp_path / "run", resume=True)
+        _train(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any stage ran
 
 
 def _fine_tune_config(folder: Path, dataset: Path, init: str, **changes) -> Path:
