@@ -56,7 +56,7 @@ def main() -> None:
     config = load_config(args.config)
     part = config["video_autoencoder"]
     vae = get_registry().create("video_autoencoder", part["plugin"], **part["config"])
-    dit_config = DiTConfig.from_dict({"in_channels": vae.latent_channels, "text_dim": 384, **config["transformer"]})
+    dit_config = DiTConfig.from_dict({"in_channels": vae.latent_channels, **config["transformer"]})  # text_dim: MiniLM's
     bf16 = config["mixed_precision"] == "bf16"
     batch_size = config["transformer_training"]["batch_size"]
     print(f"# transformer training step, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -67,8 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     eager = SpacetimeDiT(dit_config).train()
     compiled = copy.deepcopy(eager)
-    for block in compiled.blocks:
-        block.compile(dynamic=True)  # as skyloom train compiles them
+    compiled.compile_blocks()  # as skyloom train compiles them
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)]
 
     print("| bucket (W×H×frames) | clips | eager s/step | compiled s/step | speed-up (medians) | speed-up (best) |")
@@ -81,7 +80,7 @@ def main() -> None:
         mask[:, :24] = True
         batch = {
             "x_t": torch.randn(B, C, T, H, W, generator=g), "t": torch.rand(B, generator=g),
-            "tokens": torch.randn(B, TEXT_TOKENS, 384, generator=g) * mask[..., None], "mask": mask,
+            "tokens": torch.randn(B, TEXT_TOKENS, dit_config.text_dim, generator=g) * mask[..., None], "mask": mask,
             "target": torch.randn(B, C, T, H, W, generator=g),
         }
         step_eager = training_step(eager, optimizers[0], batch, bf16)

@@ -1052,8 +1052,7 @@ def train(
     if init is not None:
         dit.load_state_dict(init.transformer.state_dict())
     if config["transformer_training"]["compile"]:
-        for block in dit.blocks:  # in place: the weights' names, the EMA copy and the bundle stay plain
-            block.compile(dynamic=True)
+        dit.compile_blocks()  # the weights, the EMA copy and the bundle stay plain
     text_encoder = text_encoder.to(device) or text_encoder
     _say("encoding the captions")
     captions_of = CaptionTable(text_encoder, clips, progress)

@@ -297,6 +297,13 @@ class SpacetimeDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place, shape-generic (dynamic=True), so new bucket shapes
+        rarely recompile. The weights' names stay the plain ones, and a deepcopy (the EMA copy)
+        is an uncompiled module."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+
     def _check_inputs(self, x, t, text_tokens, text_mask, cond_latent, cond_mask) -> torch.Tensor:
         C, Dt = self.config.in_channels, self.config.text_dim
         if x.dim() != 5 or x.shape[1] != C:
