@@ -90,6 +90,12 @@ def test_the_same_frames_always_give_the_same_bytes(tmp_path):
     assert len(runs[0]) == 3 and runs[0] == runs[1] == runs[2]
 
 
+def test_x264_runs_without_macroblock_tree(tmp_path):
+    """x264 writes its settings into the stream; mbtree reads uninitialised memory at 80×48."""
+    data = write_video(tmp_path / "clip.mp4", gradient_video(frames=3, height=48, width=80), 8).read_bytes()
+    assert b"x264 - core" in data and b" mbtree=0 " in data
+
+
 def test_odd_sizes_are_padded_by_repeating_the_edge(tmp_path):
     video = gradient_video(frames=3, height=47, width=63)
     write_video(tmp_path / "odd.mp4", video, 8, crf=0)
