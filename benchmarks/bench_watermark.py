@@ -13,7 +13,7 @@ Sections (--only picks):
   and sync above threshold);
 - small: shapes-world clips (skyloom.datasets.shapes: what the trained embedded model makes) at
   64 x 64, 80 x 48 and 48 x 80, 17 frames, marked with the single-tile layout and written as
-  `skyloom generate` writes them (H.264 CRF 18); then re-encodes at CRF 23/28/35 and other
+  `skyloom generate` writes them (H.264 CRF 18); then re-encodes at CRF 23/28/35 (x264 defaults) and other
   edits of that file;
 - null: detection on 1,000 unmarked 256 x 256 clips;
 - small-null: detection on 1,000 unmarked clips at the embedded model's sizes (half
@@ -287,11 +287,12 @@ ATTACKS = {
     "crop+bright1.3+crf28": lambda v: h264(brightness(crop(v, 0.1), 1.3), 28),
 }
 # Small frames: the first attack is skyloom's own write; the others start from what it wrote.
+# Re-encodes use x264's defaults (macroblock-tree on), as someone else's encoder would.
 SMALL_ATTACKS = {
     "skyloom_write_crf18": lambda v: v,
-    "reencode_crf23": lambda v: skyloom_write(v, 23),
-    "reencode_crf28": lambda v: skyloom_write(v, 28),
-    "reencode_crf35": lambda v: skyloom_write(v, 35),
+    "reencode_crf23": lambda v: h264(v, 23, fps=8),
+    "reencode_crf28": lambda v: h264(v, 28, fps=8),
+    "reencode_crf35": lambda v: h264(v, 35, fps=8),
     "downscale_half": lambda v: rescale(v, 0.5),
     "upscale_4x": lambda v: rescale(v, 4),
     "crop_10pct": lambda v: crop(v, 0.10),

@@ -139,6 +139,7 @@ def write_video(
     codec: str = "libx264",
     preset: str = "medium",
     metadata: Mapping[str, str] | None = None,
+    reproducible: bool = False,
 ) -> Path:
     """Write (T, H, W, 3) uint8 frames as H.264 yuv420p video (.mp4, .m4v, .mov or .mkv).
 
@@ -146,6 +147,10 @@ def write_video(
     fps: frames per second, any positive number (fractions such as 23.976 are kept to 1/1001).
     preset: libx264 speed/size trade-off ("ultrafast" ... "veryslow").
     metadata: container tags, e.g. {"comment": "..."}; arbitrary keys are kept in MP4/MOV.
+    reproducible: the same frames always give the same bytes (libx264). This turns off x264's
+        macroblock-tree rate control, which reads uninitialised memory when a frame's macroblock
+        count is not a multiple of 8 (80×48 and 48×80 among them). Files are 3-40% larger at
+        the same PSNR, and a watermark survives re-encoding less well (docs/performance.md).
     An odd height or width is padded by one repeated row or column (see the module docstring).
     Returns the path written.
     """
@@ -172,12 +177,8 @@ def write_video(
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if codec in ("libx264", "libx265"):
                 stream.options = {"crf": str(crf), "preset": preset}
-            if codec == "libx264":
-                # x264's macroblock-tree rate control reads uninitialised stack memory when a
-                # frame's macroblock count is not a multiple of 8 (valgrind: 80×48, 48×80, 112×64),
-                # so the same frames could encode to different bytes. Without it they cannot;
-                # files are 3-40% larger at the same PSNR (docs/datasets.md).
-                stream.options["x264-params"] = "mbtree=0"
+            if reproducible and codec == "libx264":
+                stream.options["x264-params"] = "mbtree=0"  # found with valgrind: see the docstring
             for image in array:
                 container.mux(stream.encode(_yuv420p_frame(image)))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
@@ -213,7 +214,7 @@ def write_image(path, frame) -> Path:
 def write_media(path, frames, fps: float, **video_options) -> Path:
     """Write frames by the path's suffix: a video container, or .png for a single frame.
 
-    video_options (crf, codec, preset, metadata) go to write_video. Returns the path.
+    video_options (crf, codec, preset, metadata, reproducible) go to write_video. Returns the path.
     """
     suffix = Path(path).suffix.lower()
     if suffix in IMAGE_SUFFIXES:

@@ -74,12 +74,13 @@ def test_crf_trades_size_for_quality(tmp_path):
 
 
 def test_the_same_frames_always_give_the_same_bytes(tmp_path):
-    """Datasets are deterministic for a seed down to the file: no uninitialised memory (the
-    padding of PyAV's frame rows) reaches x264, in this process or another."""
+    """Reproducible writes (datasets use them) are deterministic down to the file: no
+    uninitialised memory (the padding of PyAV's frame rows, x264's macroblock tree) reaches
+    the bytes, in this process or another."""
     script = (
         "import hashlib, sys; from skyloom.datasets.shapes import make_clip; from skyloom.video_io import write_video\n"
         "for i in (3, 6, 0):\n"  # 80x48, 48x80, 64x64: chroma rows of 40, 24 and 32 bytes
-        "    print(hashlib.sha256(write_video(f'{sys.argv[1]}/{i}.mp4', make_clip(0, i)[1], 8.0).read_bytes()).hexdigest())\n"
+        "    print(hashlib.sha256(write_video(f'{sys.argv[1]}/{i}.mp4', make_clip(0, i)[1], 8.0, reproducible=True).read_bytes()).hexdigest())\n"
     )
     runs = []
     for attempt in range(3):
@@ -90,10 +91,13 @@ def test_the_same_frames_always_give_the_same_bytes(tmp_path):
     assert len(runs[0]) == 3 and runs[0] == runs[1] == runs[2]
 
 
-def test_x264_runs_without_macroblock_tree(tmp_path):
+def test_reproducible_writes_turn_off_the_macroblock_tree_and_only_they(tmp_path):
     """x264 writes its settings into the stream; mbtree reads uninitialised memory at 80×48."""
-    data = write_video(tmp_path / "clip.mp4", gradient_video(frames=3, height=48, width=80), 8).read_bytes()
-    assert b"x264 - core" in data and b" mbtree=0 " in data
+    video = gradient_video(frames=3, height=48, width=80)
+    exact = write_video(tmp_path / "exact.mp4", video, 8, reproducible=True).read_bytes()
+    default = write_video(tmp_path / "default.mp4", video, 8).read_bytes()
+    assert b"x264 - core" in exact and b" mbtree=0 " in exact
+    assert b"x264 - core" in default and b" mbtree=1 " in default
 
 
 def test_odd_sizes_are_padded_by_repeating_the_edge(tmp_path):

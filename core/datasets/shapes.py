@@ -387,7 +387,7 @@ def write_dataset(
         for index in todo:
             scene, frames = make_clip(seed, index, split=split)
             record = clip_record(scene, index, split=split, seed=seed)
-            write_video(out_dir / record["path"], frames, scene.fps, crf=crf)
+            write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
             lines.write(json.dumps(record) + "\n")
             lines.flush()
             bar.update(1)
