@@ -252,8 +252,8 @@ def safety_check(prompts, prompt_file, filters, as_json):
 def verify(file, as_json):
     """Check FILE's C2PA manifest and look for skyloom watermarks.
 
-    Tells apart: signed and intact; tampered (manifest invalid, exit status 2); manifest
-    stripped (e.g. by re-encoding) but watermark found; neither.
+    Tells apart: signed and intact; signed but no watermark found; tampered (manifest invalid,
+    exit status 2); manifest stripped (e.g. by re-encoding) but watermark found; neither.
     """
     from skyloom.provenance import ProvenanceError
     from skyloom.verify import format_report, verify as verify_file
@@ -288,6 +288,9 @@ def train(config, run_dir, output, resume, time_limit):
     from skyloom.training import train as run_training
     from skyloom.video_io import VideoIOError
 
+    # --out is not stored with the run, so the hint repeats it: without it a resumed run writes the
+    # config's "output", which for the embedded model's recipe is the bundle inside the package.
+    resume_command = f"skyloom train {config} --run-dir {run_dir}" + (f" --out {output}" if output else "") + " --resume"
     try:
         settings = load_config(config)
         bundle = run_training(
@@ -295,10 +298,10 @@ def train(config, run_dir, output, resume, time_limit):
             time_limit_s=None if time_limit is None else time_limit * 60, progress=sys.stderr.isatty(),
         )
     except StopRequested as stop:
-        click.echo(f"{stop}; the checkpoint is in {run_dir}; continue with: skyloom train {config} --run-dir {run_dir} --resume", err=True)
+        click.echo(f"{stop}; the checkpoint is in {run_dir}; continue with: {resume_command}", err=True)
         sys.exit(130 if stop.reason == "interrupted" else 75)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: checkpoints already written in {run_dir} are kept; continue with --resume", err=True)
+        click.echo(f"interrupted: checkpoints already written in {run_dir} are kept; continue with: {resume_command}", err=True)
         sys.exit(130)
     except (TrainingError, DatasetError, VideoIOError, ValueError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
