@@ -147,9 +147,9 @@ def write_video(
     fps: frames per second, any positive number (fractions such as 23.976 are kept to 1/1001).
     preset: libx264 speed/size trade-off ("ultrafast" ... "veryslow").
     metadata: container tags, e.g. {"comment": "..."}; arbitrary keys are kept in MP4/MOV.
-    reproducible: the same frames always give the same bytes (libx264). This turns off x264's
+    reproducible: the same frames always give the same bytes (libx264 only). This turns off x264's
         macroblock-tree rate control, which reads uninitialised memory when a frame's macroblock
-        count is not a multiple of 8 (80×48 and 48×80 among them). Files are 3-40% larger at
+        count is not a multiple of 8 (80×48 and 48×80 among them). Files are 3-39% larger at
         the same PSNR, and a watermark survives re-encoding less well (docs/performance.md).
     An odd height or width is padded by one repeated row or column (see the module docstring).
     Returns the path written.
@@ -158,6 +158,8 @@ def write_video(
     rate = _check_fps(fps)
     if not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
+    if reproducible and codec != "libx264":
+        raise ValueError(f"reproducible=True is only known to hold for codec='libx264', got codec={codec!r}")
     suffix = Path(path).suffix.lower()
     if suffix not in VIDEO_FORMATS:
         raise VideoIOError(
@@ -177,7 +179,7 @@ def write_video(
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if codec in ("libx264", "libx265"):
                 stream.options = {"crf": str(crf), "preset": preset}
-            if reproducible and codec == "libx264":
+            if reproducible:  # libx264 only, checked above
                 stream.options["x264-params"] = "mbtree=0"  # found with valgrind: see the docstring
             for image in array:
                 container.mux(stream.encode(_yuv420p_frame(image)))

@@ -98,6 +98,8 @@ def test_reproducible_writes_turn_off_the_macroblock_tree_and_only_they(tmp_path
     default = write_video(tmp_path / "default.mp4", video, 8).read_bytes()
     assert b"x264 - core" in exact and b" mbtree=0 " in exact
     assert b"x264 - core" in default and b" mbtree=1 " in default
+    with pytest.raises(ValueError, match="reproducible=True is only known to hold for codec='libx264'"):
+        write_video(tmp_path / "other.mp4", video, 8, codec="libx265", reproducible=True)
 
 
 def test_odd_sizes_are_padded_by_repeating_the_edge(tmp_path):
