@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -290,7 +291,9 @@ def train(config, run_dir, output, resume, time_limit):
 
     # --out is not stored with the run, so the hint repeats it: without it a resumed run writes the
     # config's "output", which for the embedded model's recipe is the bundle inside the package.
-    resume_command = f"skyloom train {config} --run-dir {run_dir}" + (f" --out {output}" if output else "") + " --resume"
+    resume_command = shlex.join(
+        ["skyloom", "train", str(config), "--run-dir", str(run_dir), *(["--out", str(output)] if output else []), "--resume"]
+    )
     try:
         settings = load_config(config)
         bundle = run_training(

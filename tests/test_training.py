@@ -488,13 +488,13 @@ def test_cli_train_errors_are_one_line(tmp_path):
 
 def test_cli_time_limit_stops_with_a_resume_hint(dataset, tmp_path):
     path = _config_file(tmp_path, dataset)
-    run, out = tmp_path / "run", tmp_path / "bundle"
+    run, out = tmp_path / "run", tmp_path / "my bundle"  # a space: the hint must quote it
     args = ["train", str(path), "--run-dir", str(run), "--out", str(out), "--time-limit", "0.0000001"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 75
     assert "time limit reached: stopped after autoencoder step 1" in result.output
     # The hint keeps --out: without it the resumed run would write the config's "output" instead.
-    assert f"continue with: skyloom train {path} --run-dir {run} --out {out} --resume" in result.output
+    assert f"continue with: skyloom train {path} --run-dir {run} --out '{out}' --resume" in result.output
 
 
 def test_ctrl_c_checkpoints_and_resume_finishes(dataset, tmp_path):
