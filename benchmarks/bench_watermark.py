@@ -13,8 +13,8 @@ Sections (--only picks):
   and sync above threshold);
 - small: shapes-world clips (skyloom.datasets.shapes: what the trained embedded model makes) at
   64 x 64, 80 x 48 and 48 x 80, 17 frames, marked with the single-tile layout and written as
-  `skyloom generate` writes them (H.264 CRF 18); then re-encodes at CRF 23/28/35 (x264 defaults) and other
-  edits of that file;
+  `skyloom generate` writes them (H.264 CRF 18); then re-encodes at CRF 23/28/35 (x264
+  defaults) and other edits of that file;
 - null: detection on 1,000 unmarked 256 x 256 clips;
 - small-null: detection on 1,000 unmarked clips at the embedded model's sizes (half
   shapes-world of 9, 17 and 33 frames, half procedural; lossless, CRF 18 or CRF 28).

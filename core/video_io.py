@@ -150,7 +150,8 @@ def write_video(
     reproducible: the same frames always give the same bytes (libx264 only). This turns off x264's
         macroblock-tree rate control, which reads uninitialised memory when a frame's macroblock
         count is not a multiple of 8 (80×48 and 48×80 among them). Files are 3-39% larger at
-        the same CRF (PSNR within -0.01..+0.27 dB), and a watermark survives re-encoding less well (docs/performance.md).
+        the same CRF (PSNR within -0.01..+0.27 dB), and a watermark survives re-encoding less
+        well (docs/performance.md).
     An odd height or width is padded by one repeated row or column (see the module docstring).
     Returns the path written.
     """
