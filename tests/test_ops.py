@@ -328,6 +328,39 @@ def test_cpu_capability_override():
         torch.testing.assert_close(ops.spacetime_attention(q, q, q), reference_ops.spacetime_attention(q, q, q))
 
 
+def _huge_pages_advised(t: torch.Tensor) -> bool:
+    """Whether the memory in the middle of t lies in a mapping marked MADV_HUGEPAGE ('hg' in its
+    VmFlags in /proc/self/smaps)."""
+    address = t.data_ptr() + t.nbytes // 2
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            field = line.split()[0]
+            if field == "VmFlags:":
+                if inside:
+                    return "hg" in line.split()[1:]
+            elif not field.endswith(":"):  # a mapping's header: "start-end perms ..."
+                start, end = (int(x, 16) for x in field.split("-"))
+                inside = start <= address < end
+    raise AssertionError(f"address {address:#x} is in no mapping")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs Linux huge pages")
+def test_large_cpu_outputs_ask_for_huge_pages():
+    """Every op's large outputs are advised for 2 MiB pages, so filling them costs 16 page faults
+    per 32 MiB instead of 8,192 (docs/performance.md); the values are tested elsewhere."""
+    q, k, v = (torch.randn(1, 16, 256, 8, 64, requires_grad=True) for _ in range(3))  # 8 MiB each
+    out = ops.spacetime_attention(q, k, v, "temporal")
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    tokens = ops.patchify(torch.randn(1, 8, 4, 256, 256), (1, 2, 2))
+    video = ops.unpatchify(tokens, (1, 2, 2), (4, 128, 128))
+    for name, t in [("out", out), ("grad_q", grads[0]), ("grad_k", grads[1]), ("grad_v", grads[2]),
+                    ("tokens", tokens), ("video", video)]:
+        assert _huge_pages_advised(t), name
+    if "THP_MEM_ALLOC_ENABLE" not in os.environ:  # torch's own allocator asks for none
+        assert not _huge_pages_advised(torch.empty_like(out))
+
+
 @pytest.mark.cuda
 def test_attention_cuda_rejects_unsupported_head_dim():
     q = torch.randn(1, 2, 3, 2, 59, device="cuda")
