@@ -105,6 +105,9 @@ TRANSFORMER_DEFAULTS = {
     # CPU; the first step pays the compile.
     "compile": False,
     "logit_normal": [0.0, 1.0],  # (mean, std) of logit(t) before the shift (SD3)
+    # Loss weight of latent cells that cover an object (pixels unlike the border, as for the
+    # autoencoder's foreground_weight), against 1 for the background; 1: no emphasis.
+    "foreground_weight": 1.0,
     # Share of samples trained with each kind of known frames; "none" is plain text-to-video.
     "conditioning": {"none": 0.5, "first": 0.15, "last": 0.05, "ends": 0.1, "prefix": 0.1, "suffix": 0.1},
 }
@@ -198,9 +201,10 @@ def check_config(config: dict, where: str = "config") -> None:
             raise TrainingError(f"{where}: {stage}.lr must be a number > 0, got {settings['lr']!r}")
         if not 0 <= settings["ema_decay"] < 1:
             raise TrainingError(f"{where}: {stage}.ema_decay must be in [0, 1), got {settings['ema_decay']!r}")
-    weight = config["autoencoder_training"]["foreground_weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 1:
-        raise TrainingError(f"{where}: autoencoder_training.foreground_weight must be a number >= 1 (1: no emphasis), got {weight!r}")
+    for stage in ("autoencoder_training", "transformer_training"):
+        weight = config[stage]["foreground_weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 1:
+            raise TrainingError(f"{where}: {stage}.foreground_weight must be a number >= 1 (1: no emphasis), got {weight!r}")
     shares = config["transformer_training"]["conditioning"]
     bad = sorted(set(shares) - set(CONDITIONING_KINDS))
     if bad or not shares or any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
@@ -757,12 +761,31 @@ def _create(registry: Registry, kind: str, name: str, config: dict):
 # --- the two stages -------------------------------------------------------------------------
 
 
-def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
-    """(B, 1, T, H, W): `weight` where a pixel differs from its frame's border colour (the
-    per-channel median of the top and bottom rows) by more than FOREGROUND_DISTANCE, else 1."""
+def foreground(video: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, H, W) bool: where a pixel of video (B, 3, T, H, W) differs from its frame's
+    border colour (the per-channel median of the top and bottom rows) by more than
+    FOREGROUND_DISTANCE."""
     border = torch.cat([video[..., 0, :], video[..., -1, :]], dim=-1).median(dim=-1).values  # (B, 3, T)
-    unlike = (video - border[..., None, None]).abs().amax(dim=1, keepdim=True) > FOREGROUND_DISTANCE
-    return 1 + (weight - 1) * unlike.to(video.dtype)
+    return (video - border[..., None, None]).abs().amax(dim=1, keepdim=True) > FOREGROUND_DISTANCE
+
+
+def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, 1, T, H, W): `weight` on the foreground, 1 elsewhere."""
+    return 1 + (weight - 1) * foreground(video).to(video.dtype)
+
+
+@torch.no_grad()
+def latent_foreground(clips: list[Clip], temporal_compression: int, spatial_compression: int) -> list[torch.Tensor]:
+    """Each clip's foreground on the latent grid, (T', H', W') bool: a cell is foreground when any
+    pixel it covers, in any of its frames, is. Latent frame 0 covers frame 0 alone (the
+    VideoAutoencoder contract), so frame 0 is repeated to fill its group."""
+    tc, sc = temporal_compression, spatial_compression
+    out = []
+    for index in range(len(clips)):
+        mask = foreground(_pixels(clips, [index], torch.device("cpu"))).float()  # (1, 1, T, H, W)
+        mask = torch.cat([mask[:, :, :1].expand(-1, -1, tc - 1, -1, -1), mask], dim=2)
+        out.append(torch.nn.functional.max_pool3d(mask, (tc, sc, sc))[0, 0].bool())
+    return out
 
 
 def _autoencoder_loss(vae, clips: list[Clip], settings: dict, device) -> Callable:
@@ -862,7 +885,10 @@ def _condition_masks(kinds: list[str], weights: torch.Tensor, batch: int, frames
     return mask
 
 
-def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip], settings: dict, config: dict, base_tokens: int, device) -> Callable:
+def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip], settings: dict, config: dict, base_tokens: int, device,
+                      foreground_of: list[torch.Tensor] | None = None) -> Callable:
+    """The loss of one batch; foreground_of (latent_foreground's masks) weights the cells that
+    cover an object by settings["foreground_weight"]."""
     kinds = list(settings["conditioning"])
     weights = torch.tensor([float(settings["conditioning"][k]) for k in kinds])
     pt, ph, pw = dit.config.patch_size
@@ -892,6 +918,9 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
         cond_latent = x0 * known.view(B, 1, T, 1, 1)
         velocity = dit(x_t, t, text_tokens.to(device), text_mask.to(device), cond_latent, known)
         weight = (1 - known).view(B, 1, T, 1, 1).expand_as(target)  # only the frames to generate
+        if foreground_of is not None:
+            cells = torch.stack([foreground_of[i] for i in indices]).to(device)[:, None]  # (B, 1, T', H', W')
+            weight = weight * (1 + (settings["foreground_weight"] - 1) * cells.to(weight.dtype))
         return ((velocity.float() - target).square() * weight).sum() / weight.sum().clamp(min=1)
 
     return loss
@@ -1061,10 +1090,19 @@ def train(
     pt, ph, pw = dit_config.patch_size
     base_tokens = -(-base_latent[1] // pt) * -(-base_latent[2] // ph) * -(-base_latent[3] // pw)
     dit_settings = config["transformer_training"]
+    foreground_of = None
+    if dit_settings["foreground_weight"] != 1:
+        _say("finding the objects' latent cells")
+        foreground_of = latent_foreground(clips, vae.temporal_compression, vae.spatial_compression)
+        if any(mask.shape != latent.shape[1:] for mask, latent in zip(foreground_of, latents)):
+            raise TrainingError(
+                "transformer_training.foreground_weight needs an autoencoder whose latent grid is the frames' grid "
+                "divided by its temporal_compression and spatial_compression; set foreground_weight to 1"
+            )
     _say(f"transformer ({sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters): training to step {dit_settings['steps']}")
     stage = Stage(
         "transformer", dit, dit_settings, BucketBatches(buckets, dit_settings["batch_size"], config["seed"] + 1),
-        _transformer_loss(dit, captions_of, latents, clips, dit_settings, config, base_tokens, device),
+        _transformer_loss(dit, captions_of, latents, clips, dit_settings, config, base_tokens, device, foreground_of),
     )
     dit_ema = run_stage(stage, run)
 

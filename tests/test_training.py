@@ -28,6 +28,7 @@ from skyloom.training import (
     _condition_masks,
     encode_latents,
     foreground_weights,
+    latent_foreground,
     learning_rate,
     load_config,
     train,
@@ -342,6 +343,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
         ({"mixed_precision": "fp16"}, "fp16 would need loss scaling"),
         ({"autoencoder_training": {"foreground_weight": 0.5}}, "foreground_weight must be a number >= 1"),
+        ({"transformer_training": {"foreground_weight": True}}, "transformer_training.foreground_weight must be"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, change, message):
@@ -414,6 +416,52 @@ def test_foreground_weights_mark_the_objects_and_nothing_else():
     assert torch.equal(weights[0, 0] == 10.0, expected)
     assert set(weights.unique().tolist()) == {1.0, 10.0}
     assert torch.equal(foreground_weights(video, 1.0), torch.ones_like(weights))
+
+
+def test_latent_foreground_marks_every_cell_that_covers_an_object():
+    from skyloom.datasets.shapes import make_clip
+
+    _, frames = make_clip(0, 4)  # 80x48, 17 frames
+    cells = latent_foreground([Clip(frames, ["a"])], 4, 4)[0]
+    assert cells.shape == (5, 12, 20)  # 1 + 16/4 latent frames of 48/4 x 80/4 cells
+    pixels = foreground_weights(frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1, 2.0)[0, 0] > 1  # (T, H, W)
+    groups = [[0]] + [list(range(4 * j - 3, 4 * j + 1)) for j in range(1, 5)]  # latent frame 0 is frame 0 alone
+    for j, group in enumerate(groups):
+        for y in range(12):
+            for x in range(20):
+                assert bool(cells[j, y, x]) == bool(pixels[group, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4].any()), (j, y, x)
+    assert 0 < cells.sum() < cells.numel() / 2
+
+
+def test_transformer_loss_weights_the_objects_cells():
+    """The loss is the weighted mean of the squared velocity error over the frames to generate:
+    foreground_weight on the cells latent_foreground marks, 1 elsewhere."""
+    C, T, H, W = 4, 3, 4, 4
+    latents = [torch.randn(C, T, H, W, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cells = [torch.zeros(T, H, W, dtype=torch.bool) for _ in range(2)]
+    cells[0][:, 1, 2] = cells[1][2, :2, :] = True
+    seen = {}
+
+    class Recorder(torch.nn.Module):  # predicts velocity 0 and keeps what it was given
+        config = type("config", (), {"patch_size": (1, 2, 2)})
+
+        def forward(self, x_t, t, text_tokens, text_mask, cond_latent, known):
+            seen.update(x_t=x_t, t=t, known=known)
+            return torch.zeros_like(x_t)
+
+    settings = {**training.TRANSFORMER_DEFAULTS, "foreground_weight": 7.0, "conditioning": {"none": 1.0, "first": 1.0}}
+    captions_of = lambda captions: (torch.zeros(len(captions), 2, 8), torch.ones(len(captions), 2, dtype=torch.bool))
+    clips = [Clip(torch.zeros(9, 16, 16, 3, dtype=torch.uint8), ["a red circle"]) for _ in range(2)]
+    loss_fn = training._transformer_loss(Recorder(), captions_of, latents, clips, settings, {"defaults": {"shift": 1.0}}, 4,
+                                         torch.device("cpu"), cells)
+    for seed in range(4):
+        loss = loss_fn([0, 1], torch.Generator().manual_seed(seed))
+        x0 = torch.stack(latents)
+        t = seen["t"].view(2, 1, 1, 1, 1)
+        target = (seen["x_t"] - (1 - t) * x0) / t - x0  # noise - x0
+        weight = (1 - seen["known"]).view(2, 1, T, 1, 1) * (1 + 6.0 * torch.stack(cells)[:, None].float())
+        expected = (target.square() * weight).sum() / weight.expand_as(target).sum()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order(monkeypatch):
