@@ -31,6 +31,14 @@ MOTIONS = {
     "stays still": (0, 0),
 }
 
+
+
+def reversed_motion(motion: str) -> str:
+    """The motion an object shows when its clip plays backwards."""
+    dx, dy = MOTIONS[motion]
+    return next(name for name, direction in MOTIONS.items() if direction == (-dx, -dy))
+
+
 # Sizes are (width, height), as in --size WIDTHxHEIGHT; durations in frames at FPS.
 SIZES = ((64, 64), (80, 48), (48, 80))
 DURATIONS = (9, 17, 33)

@@ -120,7 +120,8 @@ DEFAULTS = {
     "weights_dtype": "float16",  # dtype the bundle's weights are stored in
     "output": None,  # the bundle directory (relative to the config file); --out overrides
     "init": None,  # a trained bundle both models start from (fine-tuning), relative to the config file
-    "data": {"path": None, "shapes": None, "captioner": "shapes", "captions_per_clip": 4},
+    # time_reversal: add every clip played backwards (see prepare_data)
+    "data": {"path": None, "shapes": None, "captioner": "shapes", "captions_per_clip": 4, "time_reversal": False},
     "text_encoder": {"plugin": "minilm", "config": {}},
     "video_autoencoder": {"plugin": "causal3d", "config": {}},
     "transformer": {},
@@ -180,6 +181,8 @@ def check_config(config: dict, where: str = "config") -> None:
         if not isinstance(shapes, dict) or set(shapes) - {"seed", "count", "crf"} or "count" not in shapes:
             raise TrainingError(f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional)}}, got {shapes!r}")
     _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
+    if not isinstance(data["time_reversal"], bool):
+        raise TrainingError(f"{where}: data.time_reversal must be true or false, got {data['time_reversal']!r}")
     _check_int(config["seed"], f"{where}: seed", 0)
     if config["mixed_precision"] not in ("auto", "bf16", "no"):
         raise TrainingError(f"{where}: mixed_precision must be auto, bf16 or no (fp16 would need loss scaling), got {config['mixed_precision']!r}")
@@ -246,8 +249,9 @@ class Clip:
 
 
 def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool, base_dir: Path) -> list[Clip]:
-    """Write the dataset if the config generates one, read every clip, and re-caption them
-    (cached in RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
+    """Write the dataset if the config generates one, read every clip (with data.time_reversal,
+    then each clip played backwards: reversed_clips), and re-caption them (cached in
+    RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
     from skyloom.datasets.shapes import read_manifest, write_dataset
     from skyloom.video_io import VideoIOError, read_video
 
@@ -273,10 +277,12 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
         except VideoIOError as error:
             raise TrainingError(f"dataset {root}: {error}") from None
         videos.append((frames, float(record.get("fps", 8))))
+    if data["time_reversal"]:
+        videos += reversed_clips(records, videos)
 
     captions_path = run_dir / CAPTIONS
     per_clip = data["captions_per_clip"]
-    cached = _read_captions(captions_path, len(records), per_clip)
+    cached = _read_captions(captions_path, len(videos), per_clip)
     if cached is None:
         captioner = _create(registry, "captioner", data["captioner"], {})
         cached = [
@@ -285,6 +291,25 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
         ]
         write_atomic(captions_path, "".join(json.dumps(c) + "\n" for c in cached))
     return [Clip(frames, captions) for (frames, _), captions in zip(videos, cached)]
+
+
+def reversed_clips(records: list[dict], videos: list[tuple[torch.Tensor, float]]) -> list[tuple[torch.Tensor, float]]:
+    """(frames, fps) of each clip played backwards: the same scene with every motion reversed,
+    so the captions of a clip and its reversal differ only in the direction words (moves up /
+    moves down), which the transformer then has to read. A clip whose reversal would show a
+    held-out object (a yellow object moving up becomes one moving down) is left out."""
+    from skyloom.shapes_world import is_held_out, reversed_motion
+
+    out = []
+    for record, (frames, fps) in zip(records, videos):
+        if "objects" not in record:
+            raise TrainingError(
+                f"data.time_reversal needs each manifest record's objects, as `skyloom dataset shapes` writes them "
+                f"(clip {record.get('path')!r} has none); set it to false for this dataset"
+            )
+        if not any(is_held_out({**obj, "motion": reversed_motion(obj["motion"])}) for obj in record["objects"]):
+            out.append((frames.flip(0), fps))
+    return out
 
 
 def _read_captions(path: Path, count: int, per_clip: int) -> list[list[str]] | None:

@@ -464,6 +464,29 @@ def test_transformer_loss_weights_the_objects_cells():
         torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_time_reversal_adds_each_clip_backwards_but_never_a_held_out_object(dataset, tmp_path):
+    from skyloom.datasets.shapes import read_manifest
+    from skyloom.shapes_analysis import analyse
+    from skyloom.shapes_world import is_held_out, reversed_motion
+
+    assert [reversed_motion(m) for m in ("moves left", "moves up", "stays still")] == ["moves right", "moves down", "stays still"]
+    data = {**TINY["data"], "path": str(dataset), "time_reversal": True}
+    (tmp_path / "run").mkdir()
+    clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)
+    records = read_manifest(dataset)
+    kept = [i for i, r in enumerate(records)
+            if not any(is_held_out({**o, "motion": reversed_motion(o["motion"])}) for o in r["objects"])]
+    assert 0 < len(kept) < len(records)  # this dataset has a yellow object moving up: its reversal is left out
+    assert len(clips) == len(records) + len(kept)
+    for i, clip in zip(kept, clips[len(records):]):
+        assert torch.equal(clip.frames, clips[i].frames.flip(0))
+        found = sorted(o.motion for o in analyse(clip.frames.numpy(), 8.0).objects)
+        assert found == sorted(reversed_motion(o["motion"]) for o in records[i]["objects"])  # what the captions read
+        assert clip.captions != clips[i].captions
+    with pytest.raises(TrainingError, match="data.time_reversal must be true or false"):
+        load_config(_config_file(tmp_path, dataset, data={**data, "time_reversal": "yes"}))
+
+
 def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order(monkeypatch):
     monkeypatch.setattr(training, "ENCODE_BATCH", 2)  # buckets split over several batches, the last one short
     clips = [Clip(frames, ["a"]) for _, frames in iter_dataset(seed=3, count=30)]
