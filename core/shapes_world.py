@@ -32,7 +32,6 @@ MOTIONS = {
 }
 
 
-
 def reversed_motion(motion: str) -> str:
     """The motion an object shows when its clip plays backwards."""
     dx, dy = MOTIONS[motion]
