@@ -120,6 +120,9 @@ DEFAULTS = {
     "weights_dtype": "float16",  # dtype the bundle's weights are stored in
     "output": None,  # the bundle directory (relative to the config file); --out overrides
     "init": None,  # a trained bundle both models start from (fine-tuning), relative to the config file
+    # false: only the autoencoder starts from init; the transformer starts afresh, so its section
+    # may differ from the bundle's (a new transformer recipe on a trained autoencoder)
+    "init_transformer": True,
     # time_reversal: add every clip played backwards (see prepare_data)
     "data": {"path": None, "shapes": None, "captioner": "shapes", "captions_per_clip": 4, "time_reversal": False},
     "text_encoder": {"plugin": "minilm", "config": {}},
@@ -193,6 +196,10 @@ def check_config(config: dict, where: str = "config") -> None:
     init = config["init"]
     if init is not None and not (isinstance(init, str) and init):
         raise TrainingError(f"{where}: init must be the path of a trained model bundle (or null), got {init!r}")
+    if config["init_transformer"] not in (True, False):
+        raise TrainingError(f"{where}: init_transformer must be true or false, got {config['init_transformer']!r}")
+    if init is None and not config["init_transformer"]:
+        raise TrainingError(f"{where}: init_transformer is false but no init bundle is named; set init, or drop init_transformer")
     for stage in ("autoencoder_training", "transformer_training"):
         settings = config[stage]
         for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -736,7 +743,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 # Keys added after runs had been written, with their defaults: left out of a config's hash at
 # those defaults, so checkpoints written before a key existed still resume.
-ADDED_KEYS = {("init",): None, ("transformer_training", "compile"): False}
+ADDED_KEYS = {("init",): None, ("init_transformer",): True, ("transformer_training", "compile"): False}
 
 
 def _config_hash(config: dict) -> str:
@@ -956,7 +963,8 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
 
 def load_init(config: dict, base_dir: Path, registry: Registry) -> ModelBundle:
     """The trained bundle `config["init"]` names (a ModelBundle on the CPU), checked to hold the
-    text encoder, autoencoder and transformer the config builds, so its weights fit them."""
+    text encoder, autoencoder and (unless init_transformer is false) transformer the config
+    builds, so its weights fit them."""
     path = base_dir / config["init"]
     try:
         bundle = load_bundle(path, registry)
@@ -974,7 +982,7 @@ def load_init(config: dict, base_dir: Path, registry: Registry) -> ModelBundle:
         name for name, same in (
             ("text_encoder", (te["plugin"], te.get("config", {})) == (config["text_encoder"]["plugin"], config["text_encoder"]["config"])),
             ("video_autoencoder", (ae["plugin"], ae_config) == (config["video_autoencoder"]["plugin"], config["video_autoencoder"]["config"])),
-            ("transformer", given == dit),
+            ("transformer", given == dit or not config["init_transformer"]),
         ) if not same
     ]
     if differ:
@@ -1040,7 +1048,8 @@ def train(
         init_hash=None if init is None else init.model_hash,
     )
     if init is not None:
-        _say(f"starting from the weights of {init.path} ({init.name})")
+        parts = "" if config["init_transformer"] else "the autoencoder "
+        _say(f"starting {parts}from the weights of {init.path} ({init.name})")
     _say(f"run {run_dir} on {device}: preparing the data")
     clips = prepare_data(config, run_dir, registry, progress, base_dir)
     buckets = [clip.bucket for clip in clips]
@@ -1103,7 +1112,7 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"] * 1000 + 2)
         dit = SpacetimeDiT(dit_config).to(device)
-    if init is not None:
+    if init is not None and config["init_transformer"]:
         dit.load_state_dict(init.transformer.state_dict())
     if config["transformer_training"]["compile"]:
         dit.compile_blocks()  # the weights, the EMA copy and the bundle stay plain
@@ -1161,7 +1170,7 @@ def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: Spac
         "training/log.jsonl": (run.dir / LOG).read_bytes() if (run.dir / LOG).is_file() else b"",
     }
     if init is not None:
-        index["training"]["init"] = {"name": init.name, "model_hash": init.model_hash}
+        index["training"]["init"] = {"name": init.name, "model_hash": init.model_hash, "transformer": config["init_transformer"]}
         history = init.path / "training"
         files = sorted(f for f in history.rglob("*") if f.is_file()) if history.is_dir() else []
         for file in files:

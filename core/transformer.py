@@ -6,7 +6,9 @@ adaLN layer, unpatchify. What video adds:
 - spacetime patches (pt, ph, pw) through skyloom.ops.patchify; the model pads T/H/W up to the
   patch grid itself and crops after unpatchify, so any latent size works;
 - 3D rotary position embeddings (head_dim split among the t, h and w axes), so any length,
-  size and aspect ratio work with no position tables;
+  size and aspect ratio work with no position tables; optionally (absolute_position) fixed
+  sin-cos features of each token's place as a fraction of the clip, so the model knows where
+  the frame's edges and the clip's start are;
 - self-attention through skyloom.ops.spacetime_attention, each block "spatial" (within a
   frame), "temporal" (across frames at one position) or "full";
 - cross-attention to the text tokens, with the padding masked out;
@@ -44,6 +46,10 @@ class DiTConfig:
     rope_axes_dim: tuple[int, int, int] | None = None  # head_dim split among (t, h, w); None: ~1/4 to t
     qk_norm: bool = True  # RMS-normalise queries and keys per head (stabler training)
     pooled_text: bool = True  # add the mask-averaged text tokens to the timestep embedding
+    # Add fixed sin-cos features of each token's place as a fraction of the clip's duration,
+    # height and width (as DiT and PixArt add absolute positions). RoPE alone is relative, so at
+    # high noise a token cannot tell the frame's edges or the clip's first frame from the rest.
+    absolute_position: bool = False
     gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
 
     def __post_init__(self) -> None:
@@ -156,6 +162,36 @@ class RotaryEmbedding3D(nn.Module):
         return angle.cos().float(), angle.sin().float()
 
 
+class FractionalPositionEmbedding(nn.Module):
+    """Fixed (T', S, hidden) sin-cos features of each token's (t, h, w) place as a fraction of the
+    grid: t from 0 (first latent frame) to 1 (last), h and w at cell centres in (0, 1). Fractions
+    rather than indices, so "the top edge" and "the clip's end" mean the same at every size and
+    duration. Each axis gets about a third of hidden; its frequencies run from pi (a half cycle
+    over the axis, so cos is monotonic in it) to 32 pi."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        hw = 2 * ((hidden_size // 3) // 2)
+        self.axes_dim = (hidden_size - 2 * hw, hw, hw)
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        gt, gh, gw = grid
+        places = (
+            torch.arange(gt, dtype=torch.float64, device=device) / max(gt - 1, 1),
+            (torch.arange(gh, dtype=torch.float64, device=device) + 0.5) / gh,
+            (torch.arange(gw, dtype=torch.float64, device=device) + 0.5) / gw,
+        )
+        features = []
+        for u, dim in zip(places, self.axes_dim):
+            freqs = math.pi * 2.0 ** torch.linspace(0, 5, dim // 2, dtype=torch.float64, device=device)  # (dim/2,)
+            angle = u[:, None] * freqs  # (n, dim/2)
+            features.append(torch.cat([angle.cos(), angle.sin()], dim=-1))  # (n, dim)
+        f_t = features[0][:, None, None].expand(gt, gh, gw, -1)
+        f_h = features[1][None, :, None].expand(gt, gh, gw, -1)
+        f_w = features[2][None, None, :].expand(gt, gh, gw, -1)
+        return torch.cat([f_t, f_h, f_w], dim=-1).reshape(gt, gh * gw, -1).float()  # (T', S, hidden)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x (B, T', S, heads, head_dim) by the position angles."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T', S, heads, head_dim/2) each
@@ -262,6 +298,7 @@ class SpacetimeDiT(nn.Module):
             nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D)) if cfg.pooled_text else None
         )
         self.rope = RotaryEmbedding3D(cfg.rope_dims, cfg.rope_theta)
+        self.position = FractionalPositionEmbedding(D) if cfg.absolute_position else None
         self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
@@ -355,6 +392,8 @@ class SpacetimeDiT(nn.Module):
         grid = (h.shape[2] // pt, h.shape[3] // ph, h.shape[4] // pw)  # (T', H', W')
         h = ops.patchify(h, (pt, ph, pw))  # (B, N, (2C+1)·pt·ph·pw), N = T'·H'·W'
         h = self.x_embedder(h).view(B, grid[0], grid[1] * grid[2], -1)  # (B, T', S, D), S = H'·W'
+        if self.position is not None:
+            h = h + self.position(grid, x.device).to(h.dtype)  # (T', S, D) broadcast over B
 
         c = self.t_embedder(t)  # (B, D)
         text = self.y_embedder(text_tokens)  # (B, L, D)

@@ -239,12 +239,32 @@ def test_fine_tuning_starts_from_an_init_bundle_and_keeps_its_history(straight_r
     index, init_index = (json.loads((b / "model_index.json").read_text()) for b in (tuned, init))
     for key in ("shift_factor", "scaling_factor"):
         assert index["video_autoencoder"]["config"][key] == init_index["video_autoencoder"]["config"][key]
-    assert index["training"]["init"] == {"name": "tiny", "model_hash": load_bundle(init, get_registry()).model_hash, "training": "training/init"}
+    assert index["training"]["init"] == {
+        "name": "tiny", "model_hash": load_bundle(init, get_registry()).model_hash, "transformer": True, "training": "training/init"
+    }
     for name in ("config.json", "log.jsonl"):  # the whole recipe's history travels with the weights
         assert (tuned / "training" / "init" / name).read_bytes() == (init / "training" / name).read_bytes()
     (tmp_path / "scratch").mkdir()
     fresh = _weights(_train(_config_file(tmp_path / "scratch", dataset, transformer_training=nudge), tmp_path / "scratch" / "run"))
     assert not all(torch.allclose(start[k].float(), fresh[k].float(), atol=1e-6) for k in fresh if k.startswith("transformer/"))
+
+
+def test_a_new_transformer_can_start_from_an_init_bundles_autoencoder(straight_run, dataset, tmp_path):
+    bundle_dir, _ = straight_run
+    init = tmp_path / "init"
+    shutil.copytree(bundle_dir, init)
+    other = {**TINY["transformer"], "hidden_size": 48, "absolute_position": True}
+    with pytest.raises(TrainingError, match="holds another transformer than the config builds"):
+        _train(_fine_tune_config(tmp_path / "refused", dataset, "../init", transformer=other), tmp_path / "refused" / "run")
+    path = _fine_tune_config(tmp_path / "new", dataset, "../init", transformer=other, init_transformer=False)
+    bundle = _train(path, tmp_path / "new" / "run")
+    start, got = _weights(init), _weights(bundle)
+    assert all(torch.equal(start[k], got[k]) for k in got if k.startswith("video_autoencoder/"))
+    assert got["transformer/x_embedder.weight"].shape[0] == 48
+    loaded = load_bundle(bundle, get_registry())
+    assert loaded.transformer.config.absolute_position and loaded.transformer.position is not None
+    index = json.loads((bundle / "model_index.json").read_text())
+    assert index["training"]["init"]["transformer"] is False
 
 
 def test_a_fine_tuning_run_resumes_exactly_and_guards_its_init_bundle(straight_run, dataset, tmp_path):
@@ -298,7 +318,7 @@ def test_a_run_from_before_a_new_config_key_resumes(dataset, tmp_path):
         _train(path, tmp_path / "run", time_limit_s=1e-9)
     stored = tmp_path / "run" / "config.json"  # as a skyloom without the added keys wrote it, and its checkpoint
     config = json.loads(stored.read_text())
-    del config["init"], config["transformer_training"]["compile"]
+    del config["init"], config["init_transformer"], config["transformer_training"]["compile"]
     stored.write_text(json.dumps(config, sort_keys=True, indent=2) + "\n")
     (state_path,) = (tmp_path / "run" / "checkpoints").glob("*/state.json")
     state = json.loads(state_path.read_text())
@@ -336,6 +356,8 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"autoencoder_training": {"stepz": 3}}, r"autoencoder_training: unknown key\(s\) \['stepz'\]"),
         ({"autoencoder_training": {"steps": 0}}, "autoencoder_training.steps must be an integer >= 1"),
         ({"init": 5}, "init must be the path of a trained model bundle"),
+        ({"init_transformer": False}, "init_transformer is false but no init bundle is named"),
+        ({"init": "b", "init_transformer": "no"}, "init_transformer must be true or false"),
         ({"transformer_training": {"compile": "yes"}}, "transformer_training.compile must be true or false"),
         ({"data": {"path": "x", "shapes": {"count": 3}}}, "exactly one of data.path"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),

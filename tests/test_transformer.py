@@ -216,6 +216,30 @@ def test_rope_rotations_preserve_norm_and_depend_on_relative_position():
     assert not torch.allclose(dot(rq[0, 0, 0], rk[0, 1, 2]), dot(rq[0, 0, 0], rk[0, 2, 2]))
 
 
+def test_without_absolute_positions_a_uniform_input_gives_a_uniform_output():
+    # RoPE is relative: with every token alike, no token can tell where it is, so none can be
+    # told to differ. Fractional positions break that symmetry (the frame's edges, the clip's start).
+    x = torch.randn(1, C, 1, 1, 1).expand(1, C, 3, 4, 4)
+    _, t, text, mask = inputs(B=1)
+    for flag in (False, True):
+        model = randomize_(make(patch_size=(1, 1, 1), attention_modes=("full",), absolute_position=flag)).eval()
+        with torch.no_grad():
+            v = model(x, t, text, mask)
+        spread = (v - v[:, :, :1, :1, :1]).abs().max()
+        assert (spread < 1e-4) != flag, (flag, spread)
+
+
+def test_fractional_positions_name_the_same_place_at_every_size():
+    model = make(absolute_position=True)
+    small, large = model.position((3, 2, 2), torch.device("cpu")), model.position((9, 6, 6), torch.device("cpu"))
+    assert small.shape == (3, 4, TINY["hidden_size"]) and large.shape == (9, 36, TINY["hidden_size"])
+    # First and last latent frame, the top-left cell's centre at (1/4, 1/4) of the frame: index 1 on a 6-cell side.
+    torch.testing.assert_close(small[0, 0], large[0, 1 * 6 + 1])
+    torch.testing.assert_close(small[-1, 3], large[-1, 4 * 6 + 4])
+    assert not torch.allclose(large[0, 0], large[0, 1 * 6 + 1])
+    assert make(absolute_position=False).position is None  # bundles from before the option load as they were
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, t, text, mask = inputs()
     grads = []
