@@ -280,7 +280,8 @@ def verify(file, as_json):
 def train(config, run_dir, output, resume, time_limit):
     """Train the video autoencoder, then the transformer, as CONFIG (JSON) says, and write a model bundle.
 
-    With "init" in CONFIG both start from a trained bundle's weights (fine-tuning). Ctrl-C (or
+    With "init" in CONFIG both start from a trained bundle's weights (fine-tuning; with
+    "init_transformer": false, only the autoencoder, and the transformer trains afresh). Ctrl-C (or
     --time-limit) finishes the current step, writes a checkpoint and stops; run the same command
     with --resume to continue exactly where it stopped. docs/training.md has the config's keys.
     """
