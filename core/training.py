@@ -989,6 +989,7 @@ def load_init(config: dict, base_dir: Path, registry: Registry) -> ModelBundle:
         raise TrainingError(
             f"config: init {path} holds another {', '.join(differ)} than the config builds; an init bundle's weights must "
             f"fit the config's architecture, so copy those sections from {path / 'model_index.json'} or train from scratch"
+            + (" (or, for a new transformer on its autoencoder, set init_transformer to false)" if differ == ["transformer"] else "")
         )
     return bundle
 

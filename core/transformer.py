@@ -64,6 +64,8 @@ class DiTConfig:
         bad = [m for m in self.attention_modes if m not in ATTENTION_MODES]
         if bad or not self.attention_modes:
             raise ValueError(f"attention_modes must be a non-empty sequence of {ATTENTION_MODES}, got {self.attention_modes}")
+        if self.absolute_position and self.hidden_size % 2:
+            raise ValueError(f"absolute_position needs an even hidden_size (sin-cos pairs), got {self.hidden_size}")
         axes = self.rope_dims
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")

@@ -254,7 +254,7 @@ def test_a_new_transformer_can_start_from_an_init_bundles_autoencoder(straight_r
     init = tmp_path / "init"
     shutil.copytree(bundle_dir, init)
     other = {**TINY["transformer"], "hidden_size": 48, "absolute_position": True}
-    with pytest.raises(TrainingError, match="holds another transformer than the config builds"):
+    with pytest.raises(TrainingError, match="holds another transformer than the config builds.*set init_transformer to false"):
         _train(_fine_tune_config(tmp_path / "refused", dataset, "../init", transformer=other), tmp_path / "refused" / "run")
     path = _fine_tune_config(tmp_path / "new", dataset, "../init", transformer=other, init_transformer=False)
     bundle = _train(path, tmp_path / "new" / "run")

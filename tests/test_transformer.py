@@ -237,6 +237,8 @@ def test_fractional_positions_name_the_same_place_at_every_size():
     torch.testing.assert_close(small[0, 0], large[0, 1 * 6 + 1])
     torch.testing.assert_close(small[-1, 3], large[-1, 4 * 6 + 4])
     assert not torch.allclose(large[0, 0], large[0, 1 * 6 + 1])
+    with pytest.raises(ValueError, match="absolute_position needs an even hidden_size"):
+        DiTConfig(**{**TINY, "hidden_size": 33, "num_heads": 3, "absolute_position": True})
     assert make(absolute_position=False).position is None  # bundles from before the option load as they were
 
 
