@@ -181,8 +181,17 @@ def check_config(config: dict, where: str = "config") -> None:
         raise TrainingError(f"{where}: give exactly one of data.path (a dataset directory) and data.shapes ({{\"seed\", \"count\"}})")
     if data["shapes"] is not None:
         shapes = data["shapes"]
-        if not isinstance(shapes, dict) or set(shapes) - {"seed", "count", "crf"} or "count" not in shapes:
-            raise TrainingError(f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional)}}, got {shapes!r}")
+        if not isinstance(shapes, dict) or set(shapes) - {"seed", "count", "crf", "min_travel"} or "count" not in shapes:
+            raise TrainingError(
+                f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional), "
+                f"\"min_travel\": number (optional)}}, got {shapes!r}"
+            )
+        from skyloom.datasets.shapes import MIN_TRAVEL, DatasetError, check_min_travel
+
+        try:
+            check_min_travel(shapes.get("min_travel", MIN_TRAVEL))
+        except DatasetError as error:
+            raise TrainingError(f"{where}: data.shapes.{error}") from None
     _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
     if not isinstance(data["time_reversal"], bool):
         raise TrainingError(f"{where}: data.time_reversal must be true or false, got {data['time_reversal']!r}")
@@ -259,14 +268,17 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
     """Write the dataset if the config generates one, read every clip (with data.time_reversal,
     then each clip played backwards: reversed_clips), and re-caption them (cached in
     RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
-    from skyloom.datasets.shapes import read_manifest, write_dataset
+    from skyloom.datasets.shapes import MIN_TRAVEL, read_manifest, write_dataset
     from skyloom.video_io import VideoIOError, read_video
 
     data = config["data"]
     if data["shapes"] is not None:
         root = run_dir / "data"
         shapes = data["shapes"]
-        write_dataset(root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress)
+        write_dataset(
+            root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress,
+            min_travel=shapes.get("min_travel", MIN_TRAVEL),
+        )
     else:
         root = base_dir / data["path"]
     if not (root / "manifest.jsonl").is_file():

@@ -29,6 +29,7 @@ scene_args = st.fixed_dictionaries({
     "frames": st.sampled_from(world.DURATIONS),
     "split": st.sampled_from(["train", "heldout", "all"]),
     "objects": st.sampled_from([1, 2]),
+    "min_travel": st.sampled_from([shapes.MIN_TRAVEL, 0.5, shapes.MAX_MIN_TRAVEL]),
 })
 
 
@@ -108,7 +109,7 @@ def test_scene_spec_invariants(seed, args):
             length = (scene.width, scene.height)[axis]
             assert moved[1 - axis] == 0, "moves only along its axis"
             assert np.sign(moved[axis]) == (dx or dy), "in its direction"
-            assert abs(moved[axis]) >= length / 4, "travels at least a quarter of the frame"
+            assert abs(moved[axis]) >= length * args["min_travel"], "travels at least min_travel of the frame"
     boxes = scene.boxes()  # (objects, T, 4)
     assert (boxes[..., :2] >= shapes.MARGIN).all()
     assert (boxes[..., 2] <= scene.width - shapes.MARGIN).all() and (boxes[..., 3] <= scene.height - shapes.MARGIN).all()
@@ -150,7 +151,7 @@ def test_rendered_pixels_match_the_spec(seed, args):
             assert np.allclose(shift, 0)
         else:
             axis = 0 if dx else 1
-            assert shift[axis] * (dx or dy) >= (scene.width, scene.height)[axis] / 4
+            assert shift[axis] * (dx or dy) >= (scene.width, scene.height)[axis] * args["min_travel"]
     # Everything that is not background belongs to an object's box.
     covered = np.zeros_like(is_background)
     for t in range(scene.frames):
@@ -184,8 +185,8 @@ def test_write_dataset_writes_clips_matching_the_manifest(tmp_path):
     assert [r["id"] for r in records] == [0, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "data" / "clips").iterdir()) == [f"{i:06d}.mp4" for i in range(4)]
     for record, (scene, truth) in zip(records, iter_dataset(3, 4)):
-        assert set(record) == {"id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed"}
-        assert record["split"] == "train" and record["seed"] == 3
+        assert set(record) == {"id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed", "min_travel"}
+        assert record["split"] == "train" and record["seed"] == 3 and record["min_travel"] == 0.25
         assert record["objects"] == json.loads(json.dumps(shapes.clip_record(scene, record["id"], split="train", seed=3)["objects"]))
         frames, fps = read_video(tmp_path / "data" / record["path"])
         assert b" mbtree=0 " in (tmp_path / "data" / record["path"]).read_bytes()  # written reproducibly
@@ -220,8 +221,10 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
 
     with pytest.raises(DatasetError, match="not empty; pass resume=True"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
-    with pytest.raises(DatasetError, match="seed 7 and split 'all', not seed 8"):
+    with pytest.raises(DatasetError, match="seed 7, split 'all' and min_travel 0.25, not seed 8"):
         write_dataset(tmp_path / "cut", seed=8, count=5, split="all", resume=True)
+    with pytest.raises(DatasetError, match="min_travel 0.25, not seed 7, split 'all' and min_travel 0.5"):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, min_travel=0.5)
     kept = {p.name: p.read_bytes() for p in (tmp_path / "cut" / "clips").iterdir()}
     assert sorted(kept) == ["000000.mp4", "000001.mp4", "000002.mp4"]  # no partial clip left behind
     write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True)
@@ -245,6 +248,8 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
         (lambda d: sample_scene(np.random.default_rng(0), size=(10, 10)), r"size \(10, 10\) is not a bucket; valid \(width, height\): 64x64, 80x48, 48x80"),
         (lambda d: sample_scene(np.random.default_rng(0), frames=10), "frames 10 is not a bucket; valid: 9, 17, 33"),
         (lambda d: sample_scene(np.random.default_rng(0), objects=3), "objects must be 1 or 2, got 3"),
+        (lambda d: write_dataset(d, 0, 2, min_travel=0.1), "min_travel must be a number from 0.25 to 0.6 .*got 0.1"),
+        (lambda d: iter_dataset(0, 2, min_travel="half"), "min_travel must be a number from 0.25 to 0.6 .*got 'half'"),
     ],
 )
 def test_bad_arguments_fail_clearly_and_write_nothing(tmp_path, call, message):
@@ -285,6 +290,15 @@ def test_shapes_command(tmp_path):
     assert bad.exit_code == 1 and "error: count must be an integer >= 1, got 0" in bad.output
     bad_split = runner.invoke(shapes_command, [str(tmp_path / "other"), "--split", "dev"])
     assert bad_split.exit_code == 2 and "'dev' is not one of" in bad_split.output
+
+    edge = tmp_path / "edge"
+    far = runner.invoke(shapes_command, [str(edge), "--count", "2", "--min-travel", "0.5"])
+    assert far.exit_code == 0, far.output
+    assert [r["min_travel"] for r in read_manifest(edge)] == [0.5, 0.5]
+    mixed = runner.invoke(shapes_command, [str(edge), "--count", "3", "--resume"])
+    assert mixed.exit_code == 1 and "min_travel 0.5, not seed 0, split 'train' and min_travel 0.25" in mixed.output
+    too_far = runner.invoke(shapes_command, [str(tmp_path / "other"), "--min-travel", "0.9"])
+    assert too_far.exit_code == 2 and "0.9 is not in the range 0.25<=x<=0.6" in too_far.output
 
 
 def test_shapes_command_interrupted_says_how_to_continue(tmp_path, monkeypatch):

@@ -265,6 +265,12 @@ def test_a_new_transformer_can_start_from_an_init_bundles_autoencoder(straight_r
     assert loaded.transformer.config.absolute_position and loaded.transformer.position is not None
     index = json.loads((bundle / "model_index.json").read_text())
     assert index["training"]["init"]["transformer"] is False
+    # The same architecture as the init's transformer still starts afresh when asked to.
+    nudge = {**TINY["transformer_training"], "steps": 1, "lr": 1e-12}
+    same = _fine_tune_config(tmp_path / "same", dataset, "../init", transformer_training=nudge, init_transformer=False)
+    fresh = _weights(_train(same, tmp_path / "same" / "run"))
+    assert all(torch.equal(start[k], fresh[k]) for k in fresh if k.startswith("video_autoencoder/"))
+    assert not all(torch.allclose(start[k].float(), fresh[k].float(), atol=1e-6) for k in fresh if k.startswith("transformer/"))
 
 
 def test_a_fine_tuning_run_resumes_exactly_and_guards_its_init_bundle(straight_run, dataset, tmp_path):
@@ -360,6 +366,8 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"init": "b", "init_transformer": "no"}, "init_transformer must be true or false"),
         ({"transformer_training": {"compile": "yes"}}, "transformer_training.compile must be true or false"),
         ({"data": {"path": "x", "shapes": {"count": 3}}}, "exactly one of data.path"),
+        ({"data": {"path": None, "shapes": {"count": 3, "min_travel": 0.8}}}, r"data.shapes.min_travel must be a number from 0.25 to 0.6"),
+        ({"data": {"path": None, "shapes": {"count": 3, "travel": 0.5}}}, r"data.shapes must be .*\"min_travel\": number"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
         ({"transformer": {"hidden_size": 30, "num_heads": 4}}, "divisible by num_heads"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
@@ -615,3 +623,20 @@ def test_ctrl_c_checkpoints_and_resume_finishes(dataset, tmp_path):
     step = int(checkpoints[0].split("-")[1])
     logged = [e["step"] for e in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
     assert max(logged) == step  # nothing done after the last checkpoint went unrecorded or was lost
+
+
+def test_a_generated_dataset_keeps_min_travel(dataset, tmp_path):
+    from skyloom.datasets.shapes import read_manifest
+
+    data = {**TINY["data"], "path": None, "shapes": {"seed": 2, "count": 9, "min_travel": 0.5}}
+    (tmp_path / "run").mkdir()
+    clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)
+    records = read_manifest(tmp_path / "run" / "data")
+    assert len(clips) == len(records) == 9 and {r["min_travel"] for r in records} == {0.5}
+    moving = [(r, o) for r in records for o in r["objects"] if o["motion"] != "stays still"]
+    assert moving
+    for record, obj in moving:  # starts in the half of the frame it moves away from
+        axis = {"moves left": 0, "moves right": 0, "moves up": 1, "moves down": 1}[obj["motion"]]
+        length = (record["width"], record["height"])[axis]
+        assert abs(obj["end"][axis] - obj["start"][axis]) >= length / 2
+        assert (obj["start"][axis] < length / 2) == (obj["end"][axis] > obj["start"][axis])

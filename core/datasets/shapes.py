@@ -12,8 +12,9 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
   every frame, only moved.
 - `start` and `end` are the centre (x, y) of that box in the first and last frame, in pixels
   with x to the right and y downwards; in between the box moves linearly (rounded to pixels).
-- A moving object travels at least a quarter of the frame along its axis (width for left and
-  right, height for up and down). Every box stays inside the frame with a background border of
+- A moving object travels at least `min_travel` of the frame along its axis (width for left
+  and right, height for up and down): a quarter by default. A larger share starts objects
+  nearer the edge they move away from, which ties a motion word to where the object starts. Every box stays inside the frame with a background border of
   `MARGIN` pixels, so nothing is ever cut off; two boxes are `GAP` pixels apart in every frame.
 - Clip i of a dataset depends only on (seed, i, split): `make_clip(seed, i)`. Its size and
   duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
@@ -46,6 +47,9 @@ SPLITS = ("train", "heldout", "all")
 BUCKETS = tuple((size, frames) for size in SIZES for frames in DURATIONS)  # ((width, height), frames)
 JITTER = 8  # each colour channel is drawn within ±JITTER of its palette value
 SIZE_FRACTION = (0.20, 0.30)  # an object's box side, as a fraction of the frame's shorter side
+MIN_TRAVEL = 0.25  # the least share of the frame a moving object crosses, by default
+# the most: the largest object (SIZE_FRACTION[1]) still fits that travel inside the margins
+MAX_MIN_TRAVEL = 0.6
 MARGIN = 1  # background pixels always left along every edge of the frame
 GAP = 1  # background pixels always left between two objects' boxes
 MAX_OBJECTS = 2
@@ -107,8 +111,10 @@ def _sample_attributes(rng: np.random.Generator, held_out: bool | None) -> dict:
             return obj
 
 
-def _place(rng: np.random.Generator, width: int, height: int, size: int, motion: str) -> tuple[tuple, tuple]:
-    """(start corner, end corner) of a size×size box: inside the margins, travelling >= 1/4 of the frame."""
+def _place(
+    rng: np.random.Generator, width: int, height: int, size: int, motion: str, min_travel: float
+) -> tuple[tuple, tuple]:
+    """(start corner, end corner) of a size×size box: inside the margins, travelling >= min_travel of the frame."""
     direction = MOTIONS[motion]
     corners = [[0, 0], [0, 0]]  # start, end; [x, y]
     for axis, length in enumerate((width, height)):
@@ -117,7 +123,7 @@ def _place(rng: np.random.Generator, width: int, height: int, size: int, motion:
         if step == 0:
             corners[0][axis] = corners[1][axis] = int(rng.integers(low, high + 1))
             continue
-        shortest = math.ceil(length / 4)
+        shortest = math.ceil(length * min_travel)
         if high - low < shortest:  # cannot happen for SIZES and SIZE_FRACTION; guards edits to them
             raise DatasetError(f"a {size}px object cannot travel {shortest}px across {length}px")
         travel = int(rng.integers(shortest, high - low + 1))
@@ -147,6 +153,7 @@ def sample_scene(
     frames: int | None = None,
     split: str = "train",
     objects: int | None = None,
+    min_travel: float = MIN_TRAVEL,
 ) -> SceneSpec:
     """Draw one scene from `rng`.
 
@@ -154,6 +161,7 @@ def sample_scene(
     split: "train" never draws a held-out object (shapes_world.is_held_out), "heldout" always
     draws at least one, "all" draws anything.
     objects: how many objects, 1 or 2 (drawn from rng if None).
+    min_travel: the least share of the frame a moving object crosses (check_min_travel).
     """
     _check_split(split)
     if size is None:
@@ -182,7 +190,9 @@ def sample_scene(
             base = np.array(COLOURS[obj["colour"]])
             obj["rgb"] = tuple(int(c) for c in np.clip(base + rng.integers(-JITTER, JITTER + 1, 3), 0, 255))
             chosen.append(obj)
-        scene = lay_out(rng, chosen, width=width, height=height, frames=int(frames), background=background)
+        scene = lay_out(
+            rng, chosen, width=width, height=height, frames=int(frames), background=background, min_travel=min_travel
+        )
         if scene is not None:
             return scene
 
@@ -196,9 +206,10 @@ def lay_out(
     frames: int,
     background: str,
     tries: int = _LAYOUT_TRIES,
+    min_travel: float = MIN_TRAVEL,
 ) -> SceneSpec | None:
     """Place `objects` ({shape, colour, motion, rgb}) in a width×height clip by the dataset's rules:
-    a box side in SIZE_FRACTION of the shorter side, a moving object travels at least a quarter
+    a box side in SIZE_FRACTION of the shorter side, a moving object travels at least min_travel
     of the frame, MARGIN from the edges, boxes GAP apart in every frame. Returns the scene, or
     None when `tries` random layouts all collide (draw other objects, or try again)."""
     shorter = min(width, height)
@@ -207,7 +218,7 @@ def lay_out(
         placed = []
         for obj in objects:
             side = int(rng.integers(smallest, largest + 1))
-            start, end = _place(rng, width, height, side, obj["motion"])
+            start, end = _place(rng, width, height, side, obj["motion"], check_min_travel(min_travel))
             placed.append({
                 "shape": obj["shape"], "colour": obj["colour"], "motion": obj["motion"], "size": side,
                 "start": (start[0] + side / 2, start[1] + side / 2),
@@ -267,21 +278,35 @@ def _check_count(count) -> int:
     return int(count)
 
 
-def make_clip(seed: int, index: int, *, split: str = "train") -> tuple[SceneSpec, torch.Tensor]:
-    """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split) only."""
+def check_min_travel(min_travel) -> float:
+    if isinstance(min_travel, bool) or not isinstance(min_travel, (int, float)) or not MIN_TRAVEL <= min_travel <= MAX_MIN_TRAVEL:
+        raise DatasetError(
+            f"min_travel must be a number from {MIN_TRAVEL} to {MAX_MIN_TRAVEL} (the share of the frame a moving object "
+            f"crosses at least), got {min_travel!r}"
+        )
+    return float(min_travel)
+
+
+def make_clip(
+    seed: int, index: int, *, split: str = "train", min_travel: float = MIN_TRAVEL
+) -> tuple[SceneSpec, torch.Tensor]:
+    """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split, min_travel) only."""
     rng = np.random.default_rng([_check_seed(seed), int(index)])
     size, frames = BUCKETS[index % len(BUCKETS)]
-    scene = sample_scene(rng, size=size, frames=frames, split=split)
+    scene = sample_scene(rng, size=size, frames=frames, split=split, min_travel=min_travel)
     return scene, render(scene)
 
 
-def iter_dataset(seed: int, count: int, *, split: str = "train") -> Iterator[tuple[SceneSpec, torch.Tensor]]:
+def iter_dataset(
+    seed: int, count: int, *, split: str = "train", min_travel: float = MIN_TRAVEL
+) -> Iterator[tuple[SceneSpec, torch.Tensor]]:
     """(scene, frames) for clips 0 .. count-1, one at a time: only the current clip is in memory."""
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
-    return (make_clip(seed, index, split=split) for index in range(count))
+    min_travel = check_min_travel(min_travel)
+    return (make_clip(seed, index, split=split, min_travel=min_travel) for index in range(count))
 
 
-def clip_record(scene: SceneSpec, index: int, *, split: str, seed: int) -> dict:
+def clip_record(scene: SceneSpec, index: int, *, split: str, seed: int, min_travel: float = MIN_TRAVEL) -> dict:
     """The manifest line (ground truth) for clip `index`."""
     return {
         "id": index,
@@ -300,6 +325,7 @@ def clip_record(scene: SceneSpec, index: int, *, split: str, seed: int) -> dict:
         ],
         "split": split,
         "seed": seed,
+        "min_travel": min_travel,
     }
 
 
@@ -341,16 +367,18 @@ def write_dataset(
     crf: int = 18,
     resume: bool = False,
     progress: bool = False,
+    min_travel: float = MIN_TRAVEL,
 ) -> Path:
     """Write clips 0 .. count-1 to out_dir/clips/NNNNNN.mp4 and their ground truth to out_dir/manifest.jsonl.
 
     Each clip is written atomically, then its manifest line is appended and flushed, so an
     interrupted run leaves only whole clips, each listed. resume=True continues such a run (same
-    seed and split): clips already in the manifest are kept, the rest are written, and the result
+    seed, split and min_travel): clips already in the manifest are kept, the rest are written, and the result
     equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
     progress: show a tqdm bar on stderr. Returns the manifest's path.
     """
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
+    min_travel = check_min_travel(min_travel)
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise DatasetError(f"crf must be an integer in [0, 51], got {crf!r}")
     out_dir = Path(out_dir)
@@ -368,10 +396,12 @@ def write_dataset(
             raise DatasetError(f"cannot resume in {out_dir}: it is not empty but has no {MANIFEST}")
         records, good = _read_manifest_lines(manifest)
         for record in records:
-            if record.get("seed") != seed or record.get("split") != split:
+            written = (record.get("seed"), record.get("split"), record.get("min_travel", MIN_TRAVEL))
+            if written != (seed, split, min_travel):
                 raise DatasetError(
-                    f"cannot resume in {out_dir}: it was written with seed {record.get('seed')!r} and split "
-                    f"{record.get('split')!r}, not seed {seed} and split {split!r}; use those, or another directory"
+                    f"cannot resume in {out_dir}: it was written with seed {written[0]!r}, split {written[1]!r} and "
+                    f"min_travel {written[2]!r}, not seed {seed}, split {split!r} and min_travel {min_travel!r}; "
+                    "use those, or another directory"
                 )
             done.add(record["id"])
         if good != manifest.stat().st_size:  # drop a line the interrupted run left unfinished
@@ -385,8 +415,8 @@ def write_dataset(
         total=count, initial=count - len(todo), unit="clip", desc="shapes", disable=not progress, file=sys.stderr
     ) as bar:
         for index in todo:
-            scene, frames = make_clip(seed, index, split=split)
-            record = clip_record(scene, index, split=split, seed=seed)
+            scene, frames = make_clip(seed, index, split=split, min_travel=min_travel)
+            record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel)
             write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
             lines.write(json.dumps(record) + "\n")
             lines.flush()
@@ -403,9 +433,11 @@ def write_dataset(
 @click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed: clip i depends only on (seed, i).")
 @click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True,
               help="train: no held-out combinations; heldout: each clip has one; all: anything.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR (same seed and split).")
+@click.option("--min-travel", type=click.FloatRange(MIN_TRAVEL, MAX_MIN_TRAVEL), default=MIN_TRAVEL, show_default=True,
+              help="Least share of the frame a moving object crosses; larger starts objects nearer the edge they leave.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR (same seed, split and --min-travel).")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
-def shapes_command(out_dir, count, seed, split, resume, crf):
+def shapes_command(out_dir, count, seed, split, min_travel, resume, crf):
     """Write COUNT shapes-world clips to OUT_DIR/clips and their ground truth to OUT_DIR/manifest.jsonl."""
     from skyloom.cli import SkyloomCLIError
     from skyloom.video_io import VideoIOError
@@ -414,7 +446,9 @@ def shapes_command(out_dir, count, seed, split, resume, crf):
     manifest = Path(out_dir) / MANIFEST
     try:
         before = len(read_manifest(manifest)) if resume and manifest.is_file() else 0
-        write_dataset(out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty())
+        write_dataset(
+            out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(), min_travel=min_travel
+        )
     except (DatasetError, VideoIOError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
     except KeyboardInterrupt:
