@@ -14,9 +14,10 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
   with x to the right and y downwards; in between the box moves linearly (rounded to pixels).
 - A moving object travels at least `min_travel` of the frame along its axis (width for left
   and right, height for up and down): a quarter by default. A larger share starts objects
-  nearer the edge they move away from, which ties a motion word to where the object starts. Every box stays inside the frame with a background border of
-  `MARGIN` pixels, so nothing is ever cut off; two boxes are `GAP` pixels apart in every frame.
-- Clip i of a dataset depends only on (seed, i, split): `make_clip(seed, i)`. Its size and
+  nearer the edge they move away from, which ties a motion word to where the object starts.
+  Every box stays inside the frame with a background border of `MARGIN` pixels, so nothing is
+  ever cut off; two boxes are `GAP` pixels apart in every frame.
+- Clip i of a dataset depends only on (seed, i, split, min_travel): `make_clip(seed, i)`. Its size and
   duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
 
     from skyloom.datasets.shapes import iter_dataset, write_dataset
