@@ -93,7 +93,6 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")
     parser.add_argument("--shift", type=float, default=None, help="Sampler timestep shift (default: the model's).")
     args = parser.parse_args()
-    torch.manual_seed(0)
     pipe = Pipeline.from_pretrained(args.model, watermarkers=[], safety_filters=[], audit_log=None)
 
     options = {} if args.guidance is None else {"guidance": args.guidance}

@@ -213,13 +213,14 @@ def lay_out(
     a box side in SIZE_FRACTION of the shorter side, a moving object travels at least min_travel
     of the frame, MARGIN from the edges, boxes GAP apart in every frame. Returns the scene, or
     None when `tries` random layouts all collide (draw other objects, or try again)."""
+    min_travel = check_min_travel(min_travel)  # once, not per object and try
     shorter = min(width, height)
     smallest, largest = math.ceil(SIZE_FRACTION[0] * shorter), math.floor(SIZE_FRACTION[1] * shorter)
     for _ in range(tries):
         placed = []
         for obj in objects:
             side = int(rng.integers(smallest, largest + 1))
-            start, end = _place(rng, width, height, side, obj["motion"], check_min_travel(min_travel))
+            start, end = _place(rng, width, height, side, obj["motion"], min_travel)
             placed.append({
                 "shape": obj["shape"], "colour": obj["colour"], "motion": obj["motion"], "size": side,
                 "start": (start[0] + side / 2, start[1] + side / 2),
