@@ -181,15 +181,17 @@ def check_config(config: dict, where: str = "config") -> None:
         raise TrainingError(f"{where}: give exactly one of data.path (a dataset directory) and data.shapes ({{\"seed\", \"count\"}})")
     if data["shapes"] is not None:
         shapes = data["shapes"]
-        if not isinstance(shapes, dict) or set(shapes) - {"seed", "count", "crf", "min_travel"} or "count" not in shapes:
+        keys = {"seed", "count", "crf", "min_travel", "object_size"}
+        if not isinstance(shapes, dict) or set(shapes) - keys or "count" not in shapes:
             raise TrainingError(
                 f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional), "
-                f"\"min_travel\": number (optional)}}, got {shapes!r}"
+                f"\"min_travel\": number (optional), \"object_size\": [smallest, largest] (optional)}}, got {shapes!r}"
             )
-        from skyloom.datasets.shapes import MIN_TRAVEL, DatasetError, check_min_travel
+        from skyloom.datasets.shapes import MIN_TRAVEL, OBJECT_SIZE, DatasetError, check_min_travel, check_object_size
 
         try:
-            check_min_travel(shapes.get("min_travel", MIN_TRAVEL))
+            min_travel = check_min_travel(shapes.get("min_travel", MIN_TRAVEL))
+            check_object_size(shapes.get("object_size", OBJECT_SIZE), min_travel)
         except DatasetError as error:
             raise TrainingError(f"{where}: data.shapes.{error}") from None
     _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
@@ -268,7 +270,7 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
     """Write the dataset if the config generates one, read every clip (with data.time_reversal,
     then each clip played backwards: reversed_clips), and re-caption them (cached in
     RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
-    from skyloom.datasets.shapes import MIN_TRAVEL, read_manifest, write_dataset
+    from skyloom.datasets.shapes import MIN_TRAVEL, OBJECT_SIZE, read_manifest, write_dataset
     from skyloom.video_io import VideoIOError, read_video
 
     data = config["data"]
@@ -277,7 +279,7 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
         shapes = data["shapes"]
         write_dataset(
             root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress,
-            min_travel=shapes.get("min_travel", MIN_TRAVEL),
+            min_travel=shapes.get("min_travel", MIN_TRAVEL), object_size=shapes.get("object_size", OBJECT_SIZE),
         )
     else:
         root = base_dir / data["path"]

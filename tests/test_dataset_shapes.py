@@ -30,7 +30,17 @@ scene_args = st.fixed_dictionaries({
     "split": st.sampled_from(["train", "heldout", "all"]),
     "objects": st.sampled_from([1, 2]),
     "min_travel": st.sampled_from([shapes.MIN_TRAVEL, 0.5, shapes.MAX_MIN_TRAVEL]),
-})
+    "object_size": st.sampled_from([shapes.OBJECT_SIZE, shapes.OBJECT_SIZE_LIMITS, (0.3, 0.4), (0.15, 0.2)]),
+}).filter(lambda args: fits(args["object_size"], args["min_travel"]))
+
+
+def fits(object_size, min_travel) -> bool:
+    """Whether the dataset can lay out objects of object_size travelling min_travel."""
+    try:
+        shapes.check_object_size(object_size, min_travel)
+    except DatasetError:
+        return False
+    return True
 
 
 def object_pixels(frames: np.ndarray, scene: SceneSpec, index: int, t: int) -> np.ndarray:
@@ -97,7 +107,8 @@ def test_scene_spec_invariants(seed, args):
     shorter = min(scene.width, scene.height)
     for obj in scene.objects:
         assert obj["shape"] in world.SHAPES and obj["colour"] in world.COLOURS and obj["motion"] in world.MOTIONS
-        assert 0.2 * shorter <= obj["size"] <= 0.3 * shorter
+        smallest, largest = args["object_size"]
+        assert smallest * shorter <= obj["size"] <= largest * shorter
         palette = np.array(world.COLOURS[obj["colour"]])
         assert np.abs(np.array(obj["rgb"]) - palette).max() <= 8  # ±8 per channel
         dx, dy = world.MOTIONS[obj["motion"]]
@@ -185,8 +196,12 @@ def test_write_dataset_writes_clips_matching_the_manifest(tmp_path):
     assert [r["id"] for r in records] == [0, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "data" / "clips").iterdir()) == [f"{i:06d}.mp4" for i in range(4)]
     for record, (scene, truth) in zip(records, iter_dataset(3, 4)):
-        assert set(record) == {"id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed", "min_travel"}
+        assert set(record) == {
+            "id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed", "min_travel",
+            "object_size",
+        }
         assert record["split"] == "train" and record["seed"] == 3 and record["min_travel"] == 0.25
+        assert record["object_size"] == [0.2, 0.3]
         assert record["objects"] == json.loads(json.dumps(shapes.clip_record(scene, record["id"], split="train", seed=3)["objects"]))
         frames, fps = read_video(tmp_path / "data" / record["path"])
         assert b" mbtree=0 " in (tmp_path / "data" / record["path"]).read_bytes()  # written reproducibly
@@ -221,10 +236,12 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
 
     with pytest.raises(DatasetError, match="not empty; pass resume=True"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
-    with pytest.raises(DatasetError, match="seed 7, split 'all' and min_travel 0.25, not seed 8"):
+    with pytest.raises(DatasetError, match=r"seed 7, split 'all', min_travel 0.25 and object_size \[0.2, 0.3\], not seed 8"):
         write_dataset(tmp_path / "cut", seed=8, count=5, split="all", resume=True)
-    with pytest.raises(DatasetError, match="min_travel 0.25, not seed 7, split 'all' and min_travel 0.5"):
+    with pytest.raises(DatasetError, match="min_travel 0.25 and .*, not seed 7, split 'all', min_travel 0.5 and"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, min_travel=0.5)
+    with pytest.raises(DatasetError, match=r"object_size \[0.2, 0.3\], not .* and object_size \[0.3, 0.4\]"):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, object_size=(0.3, 0.4))
     kept = {p.name: p.read_bytes() for p in (tmp_path / "cut" / "clips").iterdir()}
     assert sorted(kept) == ["000000.mp4", "000001.mp4", "000002.mp4"]  # no partial clip left behind
     write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True)
@@ -250,6 +267,13 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
         (lambda d: sample_scene(np.random.default_rng(0), objects=3), "objects must be 1 or 2, got 3"),
         (lambda d: write_dataset(d, 0, 2, min_travel=0.1), "min_travel must be a number from 0.25 to 0.6 .*got 0.1"),
         (lambda d: iter_dataset(0, 2, min_travel="half"), "min_travel must be a number from 0.25 to 0.6 .*got 'half'"),
+        (lambda d: write_dataset(d, 0, 2, object_size=(0.3, 0.2)),
+         r"object_size must be two numbers \[smallest, largest\] with 0.15 <= smallest <= largest <= 0.4 .*got \(0.3, 0.2\)"),
+        (lambda d: iter_dataset(0, 2, object_size=0.3), r"object_size must be two numbers .*got 0.3"),
+        (lambda d: write_dataset(d, 0, 2, object_size=(0.33, 0.33)),
+         r"object_size \[0.33, 0.33\] holds no whole-pixel side in a 64x64 frame \(21.12 to 21.12 pixels\); widen it"),
+        (lambda d: write_dataset(d, 0, 2, min_travel=0.6, object_size=(0.3, 0.4)),
+         r"object_size \[0.3, 0.4\]: a 25px object cannot travel min_travel 0.6 of a 64x64 frame; lower the largest"),
     ],
 )
 def test_bad_arguments_fail_clearly_and_write_nothing(tmp_path, call, message):
@@ -296,9 +320,22 @@ def test_shapes_command(tmp_path):
     assert far.exit_code == 0, far.output
     assert [r["min_travel"] for r in read_manifest(edge)] == [0.5, 0.5]
     mixed = runner.invoke(shapes_command, [str(edge), "--count", "3", "--resume"])
-    assert mixed.exit_code == 1 and "min_travel 0.5, not seed 0, split 'train' and min_travel 0.25" in mixed.output
+    assert mixed.exit_code == 1 and "min_travel 0.5 and object_size [0.2, 0.3], not seed 0, split 'train', min_travel 0.25" in mixed.output
     too_far = runner.invoke(shapes_command, [str(tmp_path / "other"), "--min-travel", "0.9"])
     assert too_far.exit_code == 2 and "0.9 is not in the range 0.25<=x<=0.6" in too_far.output
+
+    big = tmp_path / "big"
+    larger = runner.invoke(shapes_command, [str(big), "--count", "9", "--object-size", "0.3", "0.4"])
+    assert larger.exit_code == 0, larger.output
+    for record in read_manifest(big):
+        assert record["object_size"] == [0.3, 0.4]
+        shorter = min(record["width"], record["height"])
+        assert all(0.3 * shorter <= obj["size"] <= 0.4 * shorter for obj in record["objects"])
+    smaller = runner.invoke(shapes_command, [str(big), "--count", "10", "--resume"])
+    assert smaller.exit_code == 1 and "object_size [0.3, 0.4], not seed 0" in smaller.output
+    too_big = runner.invoke(shapes_command, [str(tmp_path / "other"), "--object-size", "0.3", "0.5"])
+    assert too_big.exit_code == 1 and "error: object_size must be two numbers" in too_big.output
+    assert not (tmp_path / "other").exists()
 
 
 def test_shapes_command_interrupted_says_how_to_continue(tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
   nearer the edge they move away from, which ties a motion word to where the object starts.
   Every box stays inside the frame with a background border of `MARGIN` pixels, so nothing is
   ever cut off; two boxes are `GAP` pixels apart in every frame.
-- Clip i of a dataset depends only on (seed, i, split, min_travel): `make_clip(seed, i)`. Its size and
-  duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
+- An object's box side is drawn from `object_size`, shares of the frame's shorter side: 0.20
+  to 0.30 by default.
+- Clip i of a dataset depends only on (seed, i, split, min_travel, object_size): `make_clip(seed, i)`.
+  Its size and duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
 
     from skyloom.datasets.shapes import iter_dataset, write_dataset
     for scene, frames in iter_dataset(seed=0, count=10):   # frames: (T, H, W, 3) uint8
@@ -47,9 +49,12 @@ from skyloom.video_io import write_video
 SPLITS = ("train", "heldout", "all")
 BUCKETS = tuple((size, frames) for size in SIZES for frames in DURATIONS)  # ((width, height), frames)
 JITTER = 8  # each colour channel is drawn within ±JITTER of its palette value
-SIZE_FRACTION = (0.20, 0.30)  # an object's box side, as a fraction of the frame's shorter side
+OBJECT_SIZE = (0.20, 0.30)  # an object's box side, as shares of the frame's shorter side, by default
+# an option's bounds: below, a circle of under 8 pixels fills nearly its whole box, as a square
+# does; above, two objects have too little room to pass each other
+OBJECT_SIZE_LIMITS = (0.15, 0.40)
 MIN_TRAVEL = 0.25  # the least share of the frame a moving object crosses, by default
-# the most: the largest object (SIZE_FRACTION[1]) still fits that travel inside the margins
+# the most: objects of the default size still fit that travel inside the margins (check_object_size)
 MAX_MIN_TRAVEL = 0.6
 MARGIN = 1  # background pixels always left along every edge of the frame
 GAP = 1  # background pixels always left between two objects' boxes
@@ -125,7 +130,7 @@ def _place(
             corners[0][axis] = corners[1][axis] = int(rng.integers(low, high + 1))
             continue
         shortest = math.ceil(length * min_travel)
-        if high - low < shortest:  # cannot happen for SIZES and SIZE_FRACTION; guards edits to them
+        if high - low < shortest:  # check_object_size rules this out; guards edits to it
             raise DatasetError(f"a {size}px object cannot travel {shortest}px across {length}px")
         travel = int(rng.integers(shortest, high - low + 1))
         first = int(rng.integers(low, high - travel + 1))
@@ -155,6 +160,7 @@ def sample_scene(
     split: str = "train",
     objects: int | None = None,
     min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> SceneSpec:
     """Draw one scene from `rng`.
 
@@ -163,6 +169,7 @@ def sample_scene(
     draws at least one, "all" draws anything.
     objects: how many objects, 1 or 2 (drawn from rng if None).
     min_travel: the least share of the frame a moving object crosses (check_min_travel).
+    object_size: (smallest, largest) box side, as shares of the shorter side (check_object_size).
     """
     _check_split(split)
     if size is None:
@@ -192,7 +199,8 @@ def sample_scene(
             obj["rgb"] = tuple(int(c) for c in np.clip(base + rng.integers(-JITTER, JITTER + 1, 3), 0, 255))
             chosen.append(obj)
         scene = lay_out(
-            rng, chosen, width=width, height=height, frames=int(frames), background=background, min_travel=min_travel
+            rng, chosen, width=width, height=height, frames=int(frames), background=background,
+            min_travel=min_travel, object_size=object_size,
         )
         if scene is not None:
             return scene
@@ -208,14 +216,14 @@ def lay_out(
     background: str,
     tries: int = _LAYOUT_TRIES,
     min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> SceneSpec | None:
     """Place `objects` ({shape, colour, motion, rgb}) in a width×height clip by the dataset's rules:
-    a box side in SIZE_FRACTION of the shorter side, a moving object travels at least min_travel
+    a box side in object_size of the shorter side, a moving object travels at least min_travel
     of the frame, MARGIN from the edges, boxes GAP apart in every frame. Returns the scene, or
     None when `tries` random layouts all collide (draw other objects, or try again)."""
-    min_travel = check_min_travel(min_travel)  # once, not per object and try
-    shorter = min(width, height)
-    smallest, largest = math.ceil(SIZE_FRACTION[0] * shorter), math.floor(SIZE_FRACTION[1] * shorter)
+    min_travel = check_min_travel(min_travel)  # both checked once, not per object and try
+    smallest, largest = _sides(check_object_size(object_size, min_travel), min(width, height))
     for _ in range(tries):
         placed = []
         for obj in objects:
@@ -289,26 +297,69 @@ def check_min_travel(min_travel) -> float:
     return float(min_travel)
 
 
+def check_object_size(object_size, min_travel: float = MIN_TRAVEL) -> tuple[float, float]:
+    """object_size as (smallest, largest), after checking that every bucket (shapes_world.SIZES)
+    has a whole-pixel side in that range and room for its largest object to travel min_travel."""
+    low, high = OBJECT_SIZE_LIMITS
+    numbers = isinstance(object_size, (list, tuple)) and len(object_size) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) for v in object_size
+    )
+    if not numbers or not low <= object_size[0] <= object_size[1] <= high:
+        raise DatasetError(
+            f"object_size must be two numbers [smallest, largest] with {low} <= smallest <= largest <= {high} "
+            f"(an object's box side as a share of the frame's shorter side), got {object_size!r}"
+        )
+    object_size = (float(object_size[0]), float(object_size[1]))
+    for width, height in SIZES:
+        smallest, largest = _sides(object_size, min(width, height))
+        if smallest > largest:
+            raise DatasetError(
+                f"object_size {list(object_size)} holds no whole-pixel side in a {width}x{height} frame "
+                f"({object_size[0] * min(width, height):g} to {object_size[1] * min(width, height):g} pixels); widen it"
+            )
+        for length in (width, height):
+            if length - 2 * MARGIN - largest < math.ceil(length * min_travel):
+                raise DatasetError(
+                    f"object_size {list(object_size)}: a {largest}px object cannot travel min_travel {min_travel} "
+                    f"of a {width}x{height} frame; lower the largest object_size or min_travel"
+                )
+    return object_size
+
+
+def _sides(object_size: tuple[float, float], shorter: int) -> tuple[int, int]:
+    """The smallest and largest whole-pixel box side for a frame whose shorter side is `shorter`."""
+    return math.ceil(object_size[0] * shorter), math.floor(object_size[1] * shorter)
+
+
 def make_clip(
-    seed: int, index: int, *, split: str = "train", min_travel: float = MIN_TRAVEL
+    seed: int, index: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> tuple[SceneSpec, torch.Tensor]:
-    """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split, min_travel) only."""
+    """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split,
+    min_travel, object_size) only."""
     rng = np.random.default_rng([_check_seed(seed), int(index)])
     size, frames = BUCKETS[index % len(BUCKETS)]
-    scene = sample_scene(rng, size=size, frames=frames, split=split, min_travel=min_travel)
+    scene = sample_scene(rng, size=size, frames=frames, split=split, min_travel=min_travel, object_size=object_size)
     return scene, render(scene)
 
 
 def iter_dataset(
-    seed: int, count: int, *, split: str = "train", min_travel: float = MIN_TRAVEL
+    seed: int, count: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> Iterator[tuple[SceneSpec, torch.Tensor]]:
     """(scene, frames) for clips 0 .. count-1, one at a time: only the current clip is in memory."""
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
     min_travel = check_min_travel(min_travel)
-    return (make_clip(seed, index, split=split, min_travel=min_travel) for index in range(count))
+    object_size = check_object_size(object_size, min_travel)
+    return (
+        make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size) for index in range(count)
+    )
 
 
-def clip_record(scene: SceneSpec, index: int, *, split: str, seed: int, min_travel: float = MIN_TRAVEL) -> dict:
+def clip_record(
+    scene: SceneSpec, index: int, *, split: str, seed: int, min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
+) -> dict:
     """The manifest line (ground truth) for clip `index`."""
     return {
         "id": index,
@@ -328,6 +379,7 @@ def clip_record(scene: SceneSpec, index: int, *, split: str, seed: int, min_trav
         "split": split,
         "seed": seed,
         "min_travel": min_travel,
+        "object_size": list(object_size),
     }
 
 
@@ -370,17 +422,19 @@ def write_dataset(
     resume: bool = False,
     progress: bool = False,
     min_travel: float = MIN_TRAVEL,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> Path:
     """Write clips 0 .. count-1 to out_dir/clips/NNNNNN.mp4 and their ground truth to out_dir/manifest.jsonl.
 
     Each clip is written atomically, then its manifest line is appended and flushed, so an
     interrupted run leaves only whole clips, each listed. resume=True continues such a run (same
-    seed, split and min_travel): clips already in the manifest are kept, the rest are written, and the result
+    seed, split, min_travel and object_size): clips already in the manifest are kept, the rest are written, and the result
     equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
     progress: show a tqdm bar on stderr. Returns the manifest's path.
     """
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
     min_travel = check_min_travel(min_travel)
+    object_size = check_object_size(object_size, min_travel)
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise DatasetError(f"crf must be an integer in [0, 51], got {crf!r}")
     out_dir = Path(out_dir)
@@ -398,12 +452,15 @@ def write_dataset(
             raise DatasetError(f"cannot resume in {out_dir}: it is not empty but has no {MANIFEST}")
         records, good = _read_manifest_lines(manifest)
         for record in records:
-            written = (record.get("seed"), record.get("split"), record.get("min_travel", MIN_TRAVEL))
-            if written != (seed, split, min_travel):
+            written = (
+                record.get("seed"), record.get("split"), record.get("min_travel", MIN_TRAVEL),
+                list(record.get("object_size", OBJECT_SIZE)),
+            )
+            if written != (seed, split, min_travel, list(object_size)):
                 raise DatasetError(
-                    f"cannot resume in {out_dir}: it was written with seed {written[0]!r}, split {written[1]!r} and "
-                    f"min_travel {written[2]!r}, not seed {seed}, split {split!r} and min_travel {min_travel!r}; "
-                    "use those, or another directory"
+                    f"cannot resume in {out_dir}: it was written with seed {written[0]!r}, split {written[1]!r}, "
+                    f"min_travel {written[2]!r} and object_size {written[3]!r}, not seed {seed}, split {split!r}, "
+                    f"min_travel {min_travel!r} and object_size {list(object_size)!r}; use those, or another directory"
                 )
             done.add(record["id"])
         if good != manifest.stat().st_size:  # drop a line the interrupted run left unfinished
@@ -417,8 +474,8 @@ def write_dataset(
         total=count, initial=count - len(todo), unit="clip", desc="shapes", disable=not progress, file=sys.stderr
     ) as bar:
         for index in todo:
-            scene, frames = make_clip(seed, index, split=split, min_travel=min_travel)
-            record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel)
+            scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size)
+            record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size)
             write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
             lines.write(json.dumps(record) + "\n")
             lines.flush()
@@ -437,9 +494,13 @@ def write_dataset(
               help="train: no held-out combinations; heldout: each clip has one; all: anything.")
 @click.option("--min-travel", type=click.FloatRange(MIN_TRAVEL, MAX_MIN_TRAVEL), default=MIN_TRAVEL, show_default=True,
               help="Least share of the frame a moving object crosses; larger starts objects nearer the edge they leave.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR (same seed, split and --min-travel).")
+@click.option("--object-size", type=(float, float), default=OBJECT_SIZE, show_default=True, metavar="SMALLEST LARGEST",
+              help=f"An object's box side, as shares of the frame's shorter side ({OBJECT_SIZE_LIMITS[0]} to "
+                   f"{OBJECT_SIZE_LIMITS[1]}).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel and --object-size).")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
-def shapes_command(out_dir, count, seed, split, min_travel, resume, crf):
+def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume, crf):
     """Write COUNT shapes-world clips to OUT_DIR/clips and their ground truth to OUT_DIR/manifest.jsonl."""
     from skyloom.cli import SkyloomCLIError
     from skyloom.video_io import VideoIOError
@@ -449,7 +510,8 @@ def shapes_command(out_dir, count, seed, split, min_travel, resume, crf):
     try:
         before = len(read_manifest(manifest)) if resume and manifest.is_file() else 0
         write_dataset(
-            out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(), min_travel=min_travel
+            out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(),
+            min_travel=min_travel, object_size=object_size,
         )
     except (DatasetError, VideoIOError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
