@@ -387,6 +387,15 @@ def test_bad_config_names_the_key(tmp_path, change, message):
         load_config(path)
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_committed_config_is_valid(path):
+    config = load_config(path)  # raises TrainingError naming the key otherwise
+    # Each recipe's bundle is named by its file; only the embedded recipe writes the embedded bundle.
+    assert config["name"] == path.stem
+    embedded = path.stem == "skyloom-tiny-shapes"
+    assert config["output"] == ("../core/models/default" if embedded else f"../runs/{path.stem}")
+
+
 def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(TrainingError, match="does not exist"):
         load_config(tmp_path / "nope.json")
