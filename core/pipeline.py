@@ -10,8 +10,8 @@ Load once, call many times: no state is kept between requests except caches of p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
-import os
 import resource
 import sys
 import time
@@ -392,7 +392,8 @@ class Pipeline:
                         decisions.append(decision)
             self._judge(record, decisions)
 
-        # 7. Watermarking: model id + a per-generation id.
+        # 7. Watermarking: model id + a content id, the unmarked frames' hash: copies of different
+        # videos can be told apart, and the same request still gives the same file.
         side = min(frames.shape[1], frames.shape[2])
         too_small = [(m, e) for m, e in self.watermarkers if side < getattr(m, "min_frame_side", 1)]
         if not self.watermarkers:
@@ -404,7 +405,8 @@ class Pipeline:
                   f"{need}-pixel side the watermarkers need; upscale the video (--upscale {factor})")
         else:
             with _measure(record, "watermarking") as entry:
-                payload = bytes.fromhex(bundle.model_hash[:8]) + os.urandom(4)
+                content_id = hashlib.sha256(frames.contiguous().numpy().tobytes()).digest()[:4]
+                payload = bytes.fromhex(bundle.model_hash[:8]) + content_id
                 for marker, plugin in self.watermarkers:
                     if (marker, plugin) in too_small:
                         entry.setdefault("too_small_for", []).append(plugin["name"])

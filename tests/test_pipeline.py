@@ -1,5 +1,6 @@
 """The core scheduler: stages in order, refusals stop everything, results are reproducible."""
 
+import hashlib
 import json
 
 import pytest
@@ -36,6 +37,7 @@ class Prefix(PromptEnhancer):
 
 class CornerMark(Watermarker):
     def embed(self, frames, payload):
+        self.unmarked = frames
         frames = frames.clone()
         frames[:, 0, 0, 0] = payload[0]
         return frames
@@ -119,11 +121,17 @@ def test_a_bad_request_in_a_batch_fails_before_any_work(pipe):
         pipe([small("a forbidden thing"), small(width=30)])  # the refusal would come first if it ran
 
 
-def test_watermark_payload_is_recorded(pipe):
+def test_watermark_payload_is_the_model_hash_and_the_unmarked_frames_hash(pipe):
     result = pipe(small())
+    [(marker, _)] = pipe.watermarkers
     payload = bytes.fromhex(result.record["watermarks"][0]["payload"])
     assert len(payload) == 8 and payload[:4].hex() == result.record["model"]["hash"][:8]
+    assert payload[4:] == hashlib.sha256(marker.unmarked.numpy().tobytes()).digest()[:4]
     assert int(result.frames[0, 0, 0, 0]) == payload[0]
+    # The same request gives the same marked video (so evaluations repeat); another seed, another id.
+    again = pipe(small())
+    assert torch.equal(again.frames, result.frames) and again.record["watermarks"] == result.record["watermarks"]
+    assert pipe(small(seed=4)).record["watermarks"][0]["payload"][8:] != payload[4:].hex()
 
 
 def test_skipped_stages_say_why(tmp_path):

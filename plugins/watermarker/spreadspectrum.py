@@ -1,7 +1,7 @@
 """Spread-spectrum video watermark: a keyed, tiled luma pattern that marks a video as AI-made.
 
 What is embedded. A 64-bit payload (8 bytes: the pipeline passes a model id and a
-per-generation id) gets a CRC-16, then a rate-1/2 convolutional code (K = 7, the 133/171
+content id) gets a CRC-16, then a rate-1/2 convolutional code (K = 7, the 133/171
 code of 802.11 and DVB) turns those 80 bits (+ 6 tail bits) into 172 coded bits. Each coded
 bit is spread over five or six "chips" scattered over a 32 x 32-chip tile, each chip
 multiplied by a keyed pseudo-random ±1 sign. Tiles make a canvas, the canvas is stretched
