@@ -153,6 +153,29 @@ def test_default_bundles_autoencoder_keeps_the_colours_and_motions_of_unseen_cli
     assert metrics["shape"] >= 60 and metrics["persistence"] >= 85, metrics  # measured: 75 and 93.75 (v4: 56.25 shape)
 
 
+def test_denoising_benchmark_ends_are_the_autoencoder_and_text_to_video():
+    """benchmarks/eval_denoising.py: strength 0 is the autoencoder's reconstruction, strength 1
+    the pipeline's own text-to-video (same noise, grid, guidance), so the levels between compare."""
+    from benchmarks.eval_autoencoder import reconstruct
+    from benchmarks.eval_denoising import denoise_from
+    from skyloom.datasets.shapes import make_clip
+    from skyloom.pipeline import Pipeline
+    from skyloom.registry import get_registry
+    from skyloom.request import GenerationRequest
+
+    registry = get_registry()  # the real plugins: the pipeline's default captioner and samplers
+    bundle = load_bundle(DEFAULT_MODEL_DIR, registry)
+    clip = make_clip(7, 0, split="all")[1][:17]
+    assert torch.equal(denoise_from(bundle, clip, "a red circle", 0.0, seed=5), reconstruct(bundle.video_autoencoder, clip))
+
+    d = bundle.defaults
+    pipe = Pipeline(bundle, registry=registry, device="cpu", safety_filters=[], watermarkers=[], prompt_enhancer=None, audit_log=None)
+    prompt = "A red square moves left on a black background."
+    frames = pipe(GenerationRequest(prompt, frames=17, width=d["width"], height=d["height"], seed=5), progress=False).frames
+    ours = denoise_from(bundle, torch.zeros(17, d["height"], d["width"], 3, dtype=torch.uint8), prompt, 1.0, seed=5)
+    assert (ours.int() - frames.int()).abs().max() <= 2
+
+
 # --- untrained init ------------------------------------------------------------------------
 
 
