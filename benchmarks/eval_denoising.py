@@ -20,13 +20,15 @@ from skyloom.evaluation import DEFAULT_SETTING, ReferenceGenerator, aggregate, b
 from skyloom.registry import get_registry
 from skyloom.sampling import classifier_free_guidance, flow_time_grid
 from skyloom.shapes_analysis import analyse
+from skyloom.training import DEFAULTS as TRAINING_DEFAULTS
 
 
 @torch.no_grad()
 def denoise_from(bundle, frames: torch.Tensor, prompt: str, strength: float, seed: int, guidance: float | None = None) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> noised to `strength` in latent space, denoised (guidance: the
     bundle's default if None), decoded, uint8."""
-    vae, transformer, defaults = bundle.video_autoencoder, bundle.transformer, bundle.defaults
+    vae, transformer = bundle.video_autoencoder, bundle.transformer
+    defaults = {**TRAINING_DEFAULTS["defaults"], **bundle.defaults}  # what `skyloom train` writes when a config is silent
     guidance = defaults["guidance"] if guidance is None else guidance
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
     clean = vae.encode(video)  # (1, C, T', H', W') normalised
@@ -53,7 +55,10 @@ def main() -> None:
     parser.add_argument("--strengths", default="0,0.3,0.5,0.7,1", help="comma-separated noise levels in [0, 1]")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the bundle's)")
     args = parser.parse_args()
-    strengths = [float(s) for s in args.strengths.split(",")]
+    try:
+        strengths = [float(s) for s in args.strengths.split(",")]
+    except ValueError:
+        parser.error(f"--strengths must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got {args.strengths!r}")
     if args.count < 1 or not all(0 <= s <= 1 for s in strengths):
         parser.error(f"--count must be >= 1 and every strength in [0, 1], got {args.count} and {args.strengths}")
 
@@ -65,7 +70,7 @@ def main() -> None:
     truth = ReferenceGenerator(prompts)
     width, height, frames = DEFAULT_SETTING
     names = ["colour", "shape", "motion", "persistence", "binding", "count"]
-    guidance = bundle.defaults["guidance"] if args.guidance is None else args.guidance
+    guidance = {**TRAINING_DEFAULTS["defaults"], **bundle.defaults}["guidance"] if args.guidance is None else args.guidance
     print(f"{bundle.name}, {len(prompts)} prompts at {width}x{height}, {frames} frames, guidance {guidance}")
     print(f"{'strength':>8}  " + "  ".join(f"{n:>11}" for n in names))
     for strength in strengths:

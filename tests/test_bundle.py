@@ -173,7 +173,7 @@ def test_denoising_benchmark_ends_are_the_autoencoder_and_text_to_video():
     prompt = "A red square moves left on a black background."
     frames = pipe(GenerationRequest(prompt, frames=17, width=d["width"], height=d["height"], seed=5), progress=False).frames
     ours = denoise_from(bundle, torch.zeros(17, d["height"], d["width"], 3, dtype=torch.uint8), prompt, 1.0, seed=5)
-    assert (ours.int() - frames.int()).abs().max() <= 2
+    assert (ours.int() - frames.int()).abs().max() <= 2  # measured: 0 (another seed: 246)
 
 
 # --- untrained init ------------------------------------------------------------------------
