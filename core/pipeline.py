@@ -393,7 +393,7 @@ class Pipeline:
             self._judge(record, decisions)
 
         # 7. Watermarking: model id + a content id, the unmarked frames' hash: copies of different
-        # videos can be told apart, and the same request still gives the same file.
+        # videos can be told apart, and the same request still gives the same frames.
         side = min(frames.shape[1], frames.shape[2])
         too_small = [(m, e) for m, e in self.watermarkers if side < getattr(m, "min_frame_side", 1)]
         if not self.watermarkers:
