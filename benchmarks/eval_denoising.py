@@ -23,12 +23,17 @@ from skyloom.shapes_analysis import analyse
 from skyloom.training import DEFAULTS as TRAINING_DEFAULTS
 
 
+def sampling_defaults(bundle) -> dict:
+    """The bundle's generation defaults, with what `skyloom train` writes where a config is silent."""
+    return {**TRAINING_DEFAULTS["defaults"], **bundle.defaults}
+
+
 @torch.no_grad()
 def denoise_from(bundle, frames: torch.Tensor, prompt: str, strength: float, seed: int, guidance: float | None = None) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> noised to `strength` in latent space, denoised (guidance: the
     bundle's default if None), decoded, uint8."""
     vae, transformer = bundle.video_autoencoder, bundle.transformer
-    defaults = {**TRAINING_DEFAULTS["defaults"], **bundle.defaults}  # what `skyloom train` writes when a config is silent
+    defaults = sampling_defaults(bundle)
     guidance = defaults["guidance"] if guidance is None else guidance
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
     clean = vae.encode(video)  # (1, C, T', H', W') normalised
@@ -70,7 +75,7 @@ def main() -> None:
     truth = ReferenceGenerator(prompts)
     width, height, frames = DEFAULT_SETTING
     names = ["colour", "shape", "motion", "persistence", "binding", "count"]
-    guidance = {**TRAINING_DEFAULTS["defaults"], **bundle.defaults}["guidance"] if args.guidance is None else args.guidance
+    guidance = sampling_defaults(bundle)["guidance"] if args.guidance is None else args.guidance
     print(f"{bundle.name}, {len(prompts)} prompts at {width}x{height}, {frames} frames, guidance {guidance}")
     print(f"{'strength':>8}  " + "  ".join(f"{n:>11}" for n in names))
     for strength in strengths:
