@@ -30,6 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from skyloom import ops
 
 ATTENTION_MODES = ("full", "spatial", "temporal")
+PREDICTIONS = ("velocity", "sample")
+# A "sample" head's velocity is (x_t - sample) / t: t is floored here so that errors near t = 0
+# are not magnified without bound (Li & He floor 1 - t at 0.05 in their time convention).
+SAMPLE_PREDICTION_MIN_T = 0.05
 
 
 @dataclass
@@ -50,6 +54,12 @@ class DiTConfig:
     # height and width (as DiT and PixArt add absolute positions). RoPE alone is relative, so at
     # high noise a token cannot tell the frame's edges or the clip's first frame from the rest.
     absolute_position: bool = False
+    # What the network's output head predicts (diffusers' prediction_type names): "velocity"
+    # (noise - data) directly, or the clean latents ("sample"), from which forward() derives the
+    # velocity. A head predicting clean latents need not carry the noise through a residual
+    # stream narrower than twice the token (hidden 192 against 128 values per 4x4 token), as
+    # "Back to Basics: Let Denoising Generative Models Denoise" (Li & He, 2025) argues.
+    prediction: str = "velocity"
     gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
 
     def __post_init__(self) -> None:
@@ -66,6 +76,8 @@ class DiTConfig:
             raise ValueError(f"attention_modes must be a non-empty sequence of {ATTENTION_MODES}, got {self.attention_modes}")
         if self.absolute_position and self.hidden_size % 2:
             raise ValueError(f"absolute_position needs an even hidden_size (sin-cos pairs), got {self.hidden_size}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         axes = self.rope_dims
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")
@@ -412,5 +424,8 @@ class SpacetimeDiT(nn.Module):
                 h = block(h, c, text, text_mask, rope)  # (B, T', S, D)
 
         out = self.final_layer(h.flatten(1, 2), c)  # (B, N, C·pt·ph·pw)
-        out = ops.unpatchify(out, (pt, ph, pw), grid)  # (B, C, T'·pt, H'·ph, W'·pw)
-        return out[:, :, :T, :H, :W]  # (B, C, T, H, W)
+        out = ops.unpatchify(out, (pt, ph, pw), grid)[:, :, :T, :H, :W]  # (B, C, T, H, W)
+        if self.config.prediction == "sample":
+            # x_t = (1 - t)·data + t·noise, so the velocity noise - data is (x_t - data) / t.
+            out = (x - out.to(x.dtype)) / t.to(x.dtype).clamp(min=SAMPLE_PREDICTION_MIN_T).view(B, 1, 1, 1, 1)
+        return out

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 
 from skyloom import ops
-from skyloom.transformer import DIT_CONFIGS, DiTConfig, SpacetimeDiT, apply_rope, dit_config
+from skyloom.transformer import DIT_CONFIGS, SAMPLE_PREDICTION_MIN_T, DiTConfig, SpacetimeDiT, apply_rope, dit_config
 
 from .strategies import latent_grids
 
@@ -240,6 +240,25 @@ def test_fractional_positions_name_the_same_place_at_every_size():
     with pytest.raises(ValueError, match="absolute_position needs an even hidden_size"):
         DiTConfig(**{**TINY, "hidden_size": 33, "num_heads": 3, "absolute_position": True})
     assert make(absolute_position=False).position is None  # bundles from before the option load as they were
+
+
+def test_a_sample_prediction_head_returns_the_velocity_its_clean_latents_imply():
+    # The same weights read as a velocity head and as a clean-latent ("sample") head: the second's
+    # velocity is (x_t - head output) / t, with t floored at SAMPLE_PREDICTION_MIN_T.
+    velocity_head = randomize_(make()).eval()
+    sample_head = make(prediction="sample").eval()
+    sample_head.load_state_dict(velocity_head.state_dict())
+    x, _, text, mask = inputs(B=3)
+    t = torch.tensor([1.0, 0.3, 0.01])
+    with torch.no_grad():
+        head, velocity = velocity_head(x, t, text, mask), sample_head(x, t, text, mask)
+    floored = t.clamp(min=SAMPLE_PREDICTION_MIN_T).view(3, 1, 1, 1, 1)
+    torch.testing.assert_close(velocity, (x - head) / floored)
+    # The velocity carries the sample back to the head's clean latents at t = 0.
+    torch.testing.assert_close(x[:2] - t[:2].view(2, 1, 1, 1, 1) * velocity[:2], head[:2])
+    with pytest.raises(ValueError, match=r"prediction must be one of \('velocity', 'sample'\), got 'epsilon'"):
+        DiTConfig(**{**TINY, "prediction": "epsilon"})
+    assert DiTConfig.from_dict({k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "prediction"}).prediction == "velocity"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
