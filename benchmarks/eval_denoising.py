@@ -20,6 +20,7 @@ from skyloom.evaluation import DEFAULT_SETTING, ReferenceGenerator, aggregate, b
 from skyloom.registry import get_registry
 from skyloom.sampling import classifier_free_guidance, flow_time_grid
 from skyloom.shapes_analysis import analyse
+from skyloom.shapes_world import FPS
 from skyloom.training import DEFAULTS as TRAINING_DEFAULTS
 
 
@@ -84,7 +85,7 @@ def main() -> None:
             seed = clip_seed(args.seed, prompt.index)
             clip = truth(prompt.text, width, height, frames, seed)
             out = denoise_from(bundle, clip, enhance(prompt.text), strength, seed, args.guidance)
-            records.append({"score": score(analyse(out, 8.0), prompt)})
+            records.append({"score": score(analyse(out, FPS), prompt)})
         metrics = aggregate(records)["metrics"]
         print(f"{strength:>8.2f}  " + "  ".join(f"{metrics[n]:>11}" for n in names), flush=True)
 
