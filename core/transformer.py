@@ -60,6 +60,11 @@ class DiTConfig:
     # stream narrower than twice the token (hidden 192 against 128 values per 4x4 token), as
     # "Back to Basics: Let Denoising Generative Models Denoise" (Li & He, 2025) argues.
     prediction: str = "velocity"
+    # Channels of a convolutional output head (0: DiT's linear head alone). With k > 0 the final
+    # linear writes k features per latent voxel, and two 3x3 convolutions within each latent frame
+    # turn them into the output, so that neighbouring tokens draw the edges and corners they share
+    # (as U-ViT's last 3x3 conv; here a token is 4x4 latent pixels, an object one or two tokens).
+    output_conv: int = 0
     gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
 
     def __post_init__(self) -> None:
@@ -78,6 +83,8 @@ class DiTConfig:
             raise ValueError(f"absolute_position needs an even hidden_size (sin-cos pairs), got {self.hidden_size}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.output_conv < 0:
+            raise ValueError(f"output_conv must be 0 (no convolutional head) or a channel count > 0, got {self.output_conv}")
         axes = self.rope_dims
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")
@@ -289,12 +296,12 @@ class FinalLayer(nn.Module):
         super().__init__()
         D = cfg.hidden_size
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(D, math.prod(cfg.patch_size) * cfg.in_channels)
+        self.linear = nn.Linear(D, math.prod(cfg.patch_size) * (cfg.output_conv or cfg.in_channels))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, C·pt·ph·pw)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, K·pt·ph·pw), K = output_conv or C
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -315,12 +322,21 @@ class SpacetimeDiT(nn.Module):
         self.position = FractionalPositionEmbedding(D) if cfg.absolute_position else None
         self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
         self.final_layer = FinalLayer(cfg)
+        K = cfg.output_conv
+        self.output_conv = (
+            nn.Sequential(
+                nn.Conv3d(K, K, (1, 3, 3), padding=(0, 1, 1)), nn.SiLU(), nn.Conv3d(K, C, (1, 3, 3), padding=(0, 1, 1))
+            )
+            if K
+            else None
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """DiT's init. Zeroed, so every block starts as the identity and the output as exactly 0:
         each block's adaLN modulation and cross-attention output projection, and the final
-        layer's adaLN modulation and linear."""
+        layer's adaLN modulation and linear (with a convolutional head, its last convolution
+        instead: zeroing the linear too would leave both without a gradient)."""
 
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -345,8 +361,9 @@ class SpacetimeDiT(nn.Module):
         # Output layer: zero, so the initial velocity is exactly 0.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        last = self.output_conv[-1] if self.output_conv is not None else self.final_layer.linear
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place, shape-generic (dynamic=True), so new bucket shapes
@@ -423,8 +440,10 @@ class SpacetimeDiT(nn.Module):
             else:
                 h = block(h, c, text, text_mask, rope)  # (B, T', S, D)
 
-        out = self.final_layer(h.flatten(1, 2), c)  # (B, N, C·pt·ph·pw)
-        out = ops.unpatchify(out, (pt, ph, pw), grid)[:, :, :T, :H, :W]  # (B, C, T, H, W)
+        out = self.final_layer(h.flatten(1, 2), c)  # (B, N, K·pt·ph·pw)
+        out = ops.unpatchify(out, (pt, ph, pw), grid)[:, :, :T, :H, :W]  # (B, K, T, H, W)
+        if self.output_conv is not None:
+            out = self.output_conv(out)  # (B, C, T, H, W)
         if self.config.prediction == "sample":
             # x_t = (1 - t)·data + t·noise, so the velocity noise - data is (x_t - data) / t.
             out = (x - out.to(x.dtype)) / t.to(x.dtype).clamp(min=SAMPLE_PREDICTION_MIN_T).view(B, 1, 1, 1, 1)

@@ -261,6 +261,37 @@ def test_a_sample_prediction_head_returns_the_velocity_its_clean_latents_imply()
     assert DiTConfig.from_dict({k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "prediction"}).prediction == "velocity"
 
 
+def test_a_convolutional_head_lets_neighbouring_tokens_shape_each_others_output():
+    # Change the final layer's output for one token only. DiT's linear head changes that token's
+    # own latent voxels and nothing else; the convolutional head also changes the voxels across
+    # the token's border in its frame (two 3x3 convolutions: two voxels deep), but no farther.
+    x, t, text, mask = inputs(B=1, T=3, H=8, W=8)
+    nudge_token = 4 * 2 + 1  # frame 0, token row 2, column 1: latent rows 4-5, columns 2-3
+    reach = {}
+    for k in (0, 6):
+        model = randomize_(make(output_conv=k)).eval()
+        with torch.no_grad():
+            plain = model(x, t, text, mask)
+            nudged_layer = model.final_layer.forward
+            model.final_layer.forward = lambda h, c: nudged_layer(h, c).index_add(
+                1, torch.tensor([nudge_token]), torch.ones(1, 1, model.final_layer.linear.out_features)
+            )
+            changed = (model(x, t, text, mask) - plain).abs().amax(dim=(0, 1)) > 0  # (T, H, W)
+        reach[k] = [idx.unique().tolist() for idx in changed.nonzero(as_tuple=True)]
+    assert reach[0] == [[0], [4, 5], [2, 3]]
+    assert reach[6] == [[0], [2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5]]
+    # It starts at exactly zero output as the linear head does, yet every part of it trains.
+    model = make(output_conv=6)
+    out = model(x, t, text, mask)
+    assert torch.equal(out, torch.zeros_like(x))
+    out.sum().backward()
+    assert model.output_conv[-1].weight.grad.abs().sum() > 0
+    assert model.output_conv[-1].weight.shape[:2] == (C, 6) and model.final_layer.linear.out_features == 6 * 4
+    with pytest.raises(ValueError, match="output_conv must be 0"):
+        DiTConfig(**{**TINY, "output_conv": -1})
+    assert DiTConfig.from_dict({k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "output_conv"}).output_conv == 0
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, t, text, mask = inputs()
     grads = []
