@@ -192,8 +192,9 @@ def score(analysis: VideoAnalysis, expected: EvalPrompt | dict) -> dict:
     """How one clip's analysis agrees with its prompt's ground truth (an EvalPrompt, or a dict
     with objects and background). JSON-ready:
 
-    objects: per expected object {colour, shape, motion, persistent (bool), found (the matched
-    detection's attributes and persistence, or None)}; persistent means seen in every frame;
+    objects: per expected object {colour, shape, motion, persistent (bool), expected (its
+    colour, shape and motion), found (the matched detection's attributes and persistence, or
+    None)}; persistent means seen in every frame;
     bound: two-object prompts only (else None), both objects found with the right colour, shape
     and motion; extra_objects: detections matched to nothing; count: as many detections as
     objects; exact: the detections' (colour, shape, motion) are exactly the expected ones;
@@ -207,6 +208,7 @@ def score(analysis: VideoAnalysis, expected: EvalPrompt | dict) -> dict:
         obj = found[j] if j is not None else None
         entry = {name: obj is not None and getattr(obj, name) == want[name] for name in ATTRIBUTES}
         entry["persistent"] = obj is not None and obj.persistence >= 1.0
+        entry["expected"] = {name: want[name] for name in ATTRIBUTES}
         entry["found"] = None if obj is None else {**obj.attributes, "persistence": round(obj.persistence, 4)}
         per_object.append(entry)
     triples = sorted((o["colour"], o["shape"], o["motion"]) for o in objects)
@@ -409,8 +411,21 @@ def _percent(right: int, total: int) -> float | None:
     return round(100.0 * right / total, 2) if total else None
 
 
+def confusion(objects: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per attribute, how often each expected value was found as each value ("missing": no
+    detection matched), e.g. confusion["shape"]["square"] == {"circle": 44, "square": 2}."""
+    table: dict[str, dict[str, dict[str, int]]] = {name: {} for name in ATTRIBUTES}
+    for o in objects:
+        for name in ATTRIBUTES:
+            row = table[name].setdefault(o["expected"][name], {})
+            found = o["found"][name] if o["found"] is not None else "missing"
+            row[found] = row.get(found, 0) + 1
+    return table
+
+
 def aggregate(records: list[dict]) -> dict:
-    """Accuracies (percent; None with nothing to count), their [right, of] counts, flicker, extras."""
+    """Accuracies (percent; None with nothing to count), their [right, of] counts, what each
+    expected attribute value was found as (confusion), flicker, extras."""
     objects = [o for r in records for o in r["score"]["objects"]]
     bound = [r["score"]["bound"] for r in records if r["score"]["bound"] is not None]
     counts = {
@@ -426,7 +441,8 @@ def aggregate(records: list[dict]) -> dict:
     metrics = {name: _percent(*pair) for name, pair in counts.items()}
     metrics["flicker"] = round(float(np.mean([r["score"]["flicker"] for r in records])), 3) if records else None
     metrics["extra_objects"] = round(float(np.mean([r["score"]["extra_objects"] for r in records])), 3) if records else None
-    return {"prompts": len(records), "objects": len(objects), "metrics": metrics, "counts": counts}
+    return {"prompts": len(records), "objects": len(objects), "metrics": metrics, "counts": counts,
+            "confusion": confusion(objects)}  # fmt: skip
 
 
 def targets_for(setting: tuple[int, int, int]) -> dict[str, float]:

@@ -6,6 +6,7 @@ break it on purpose one attribute at a time, so each metric is seen to catch its
 
 import json
 import re
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from skyloom import evaluation
 from skyloom.cli import main
 from skyloom.evaluation import (
-    DEFAULT_COUNT, HELD_OUT_SHARE, ContinuationGenerator, EvalPrompt, ReferenceGenerator, build_prompts, evaluate,
+    DEFAULT_COUNT, HELD_OUT_SHARE, ContinuationGenerator, EvalPrompt, ReferenceGenerator, build_prompts, confusion, evaluate,
     format_table, score,
 )  # fmt: skip
 from skyloom.shapes_analysis import analyse, canonical_caption
@@ -113,6 +114,8 @@ def test_a_perfect_generator_scores_100_at_every_setting(prompts):
         assert {name: m[name] for name in METRICS} == dict.fromkeys(METRICS, 100.0), setting
         assert m["flicker"] == 0.0 and m["extra_objects"] == 0.0
         assert all(t["met"] for t in report["settings"][index]["targets"].values())
+        for table in report["settings"][index]["confusion"].values():  # every value found as itself
+            assert all(list(row) == [value] for value, row in table.items())
     json.dumps(report)  # JSON-ready as it is
 
 
@@ -126,9 +129,18 @@ def test_wrong_colours_score_zero_colour_and_nothing_else_changes(prompts):
         unused = [c for c in COLOURS if c not in {o["colour"] for o in objects}]
         return [{**o, "colour": unused[i]} for i, o in enumerate(objects)]
 
-    m = metrics(evaluate(ReferenceGenerator(shifted(prompts[:20], other_colours)), prompts[:20]))
+    drawn = shifted(prompts[:20], other_colours)
+    report = evaluate(ReferenceGenerator(drawn), prompts[:20])
+    m = metrics(report)
     assert m["colour"] == 0.0 and m["binding"] == 0.0 and m["exact"] == 0.0
     assert m["shape"] == m["motion"] == m["persistence"] == m["background"] == 100.0
+    # The confusion table counts each expected colour as found in some other colour, never its own.
+    table = report["settings"][0]["confusion"]["colour"]
+    asked = Counter(o["colour"] for p in prompts[:20] for o in p.objects)
+    assert {colour: sum(row.values()) for colour, row in table.items()} == asked
+    assert not any(colour in row or "missing" in row for colour, row in table.items())
+    one_object = [(p.objects[0]["colour"], d.objects[0]["colour"]) for p, d in zip(prompts[:20], drawn) if len(p.objects) == 1]
+    assert all(table[a].get(d, 0) >= one_object.count((a, d)) > 0 for a, d in one_object)
 
 
 def test_an_object_missing_from_some_frames_fails_persistence_only(prompts):
@@ -169,7 +181,10 @@ def test_missing_and_extra_objects_are_counted(prompts):
     empty = torch.full_like(clip, 0)
     empty[:] = torch.tensor(BACKGROUNDS[one.background], dtype=torch.uint8)
     nothing = score(analyse(empty, 8), one)
-    assert nothing["objects"] == [{"colour": False, "shape": False, "motion": False, "persistent": False, "found": None}]
+    assert nothing["objects"] == [
+        {"colour": False, "shape": False, "motion": False, "persistent": False, "expected": dict(one.objects[0]), "found": None}
+    ]
+    assert confusion(nothing["objects"])["shape"] == {one.objects[0]["shape"]: {"missing": 1}}
     assert nothing["background"] and nothing["extra_objects"] == 0 and not nothing["count"]
 
 
