@@ -83,8 +83,8 @@ class DiTConfig:
             raise ValueError(f"absolute_position needs an even hidden_size (sin-cos pairs), got {self.hidden_size}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.output_conv < 0:
-            raise ValueError(f"output_conv must be 0 (no convolutional head) or a channel count > 0, got {self.output_conv}")
+        if isinstance(self.output_conv, bool) or not isinstance(self.output_conv, int) or self.output_conv < 0:
+            raise ValueError(f"output_conv must be 0 (no convolutional head) or a channel count > 0, got {self.output_conv!r}")
         axes = self.rope_dims
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")

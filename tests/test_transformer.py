@@ -280,7 +280,8 @@ def test_a_convolutional_head_lets_neighbouring_tokens_shape_each_others_output(
         reach[k] = [idx.unique().tolist() for idx in changed.nonzero(as_tuple=True)]
     assert reach[0] == [[0], [4, 5], [2, 3]]
     assert reach[6] == [[0], [2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5]]
-    # It starts at exactly zero output as the linear head does, yet every part of it trains.
+    # It starts at exactly zero output, as the linear head does, and its last convolution still
+    # gets a gradient (had the linear been zeroed as well, neither would get one).
     model = make(output_conv=6)
     out = model(x, t, text, mask)
     assert torch.equal(out, torch.zeros_like(x))
@@ -289,6 +290,8 @@ def test_a_convolutional_head_lets_neighbouring_tokens_shape_each_others_output(
     assert model.output_conv[-1].weight.shape[:2] == (C, 6) and model.final_layer.linear.out_features == 6 * 4
     with pytest.raises(ValueError, match="output_conv must be 0"):
         DiTConfig(**{**TINY, "output_conv": -1})
+    with pytest.raises(ValueError, match="output_conv must be 0"):
+        DiTConfig(**{**TINY, "output_conv": True})
     assert DiTConfig.from_dict({k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "output_conv"}).output_conv == 0
 
 
