@@ -413,7 +413,8 @@ def _percent(right: int, total: int) -> float | None:
 
 def confusion(objects: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
     """Per attribute, how often each expected value was found as each value ("missing": no
-    detection matched), e.g. confusion["shape"]["square"] == {"circle": 44, "square": 2}."""
+    detection matched), e.g. confusion["shape"]["square"] == {"circle": 44, "triangle": 8,
+    "square": 2, "missing": 3}."""
     table: dict[str, dict[str, dict[str, int]]] = {name: {} for name in ATTRIBUTES}
     for o in objects:
         for name in ATTRIBUTES:
