@@ -8,6 +8,10 @@ The model is the config's transformer; the batches are three of the shapes-world
 models start from the same weights; the compiled one is warmed up first, and its compile time
 is printed.
 
+Then the cross-attention to the text of each bucket, forward and backward in the config's
+precision: skyloom's `text_attention` (plain matmuls) against F.scaled_dot_product_attention
+with the same boolean mask, which the transformer used until 2026-12-06.
+
     python -m benchmarks.bench_training [--config configs/skyloom-tiny-shapes.json] [--repeats N]
 """
 
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from benchmarks.bench_ops import time_cpu_pair
 from skyloom.registry import get_registry
 from skyloom.training import clips_per_batch, load_config
-from skyloom.transformer import DiTConfig, SpacetimeDiT
+from skyloom.transformer import DiTConfig, SpacetimeDiT, text_attention
 
 BUCKETS = [(64, 64, 17), (80, 48, 33), (48, 80, 9)]  # (width, height, frames)
 TEXT_TOKENS = 64  # MiniLM's padded prompt length; 24 of them real, about a training caption's
@@ -45,6 +49,20 @@ def training_step(dit: SpacetimeDiT, optimizer, batch: dict, bf16: bool):
         optimizer.step()
 
     return step
+
+
+def attention_pass(attention, q, k, v, mask, bf16: bool):
+    def run():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            out = attention(q, k, v, mask)
+        torch.autograd.grad(out.float().sum(), (q, k, v))
+
+    return run
+
+
+def sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def main() -> None:
@@ -68,7 +86,7 @@ def main() -> None:
     eager = SpacetimeDiT(dit_config).train()
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks()  # as skyloom train compiles them
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (eager, compiled)]  # as skyloom train
 
     print("| bucket (W×H×frames) | clips | eager s/step | compiled s/step | speed-up (medians) | speed-up (best) |")
     print("|---|---|---|---|---|---|")
@@ -91,6 +109,24 @@ def main() -> None:
             print(f"# first compiled step (compiling): {time.perf_counter() - start:.1f} s", flush=True)
         t_eager, t_compiled, best = time_cpu_pair(step_eager, step_compiled, args.repeats)
         print(f"| {width}×{height}×{frames} | {B} | {t_eager:.3f} | {t_compiled:.3f} | {t_eager / t_compiled:.2f}× | {1 / best:.2f}× |", flush=True)
+
+    print("\n| bucket (W×H×frames) | q (B, heads, N, d), L | SDPA fwd+bwd ms | text_attention fwd+bwd ms | speed-up (medians) | speed-up (best) |")
+    print("|---|---|---|---|---|---|")
+    heads, d = dit_config.num_heads, dit_config.head_dim
+    for index, (width, height, frames) in enumerate(BUCKETS):
+        B = clips_per_batch(batch_size, (width, height, frames))
+        C, T, H, W = vae.latent_shape(frames, height, width)
+        pt, ph, pw = dit_config.patch_size
+        N = -(-T // pt) * -(-H // ph) * -(-W // pw)
+        g = torch.Generator().manual_seed(index)
+        q = torch.randn(B, heads, N, d, generator=g).requires_grad_()
+        k, v = (torch.randn(B, heads, TEXT_TOKENS, d, generator=g).requires_grad_() for _ in range(2))
+        mask = torch.zeros(B, 1, 1, TEXT_TOKENS, dtype=torch.bool)
+        mask[..., :24] = True
+        ours, base = attention_pass(text_attention, q, k, v, mask, bf16), attention_pass(sdpa, q, k, v, mask, bf16)
+        t_ours, t_base, best = time_cpu_pair(ours, base, args.repeats * 4)
+        print(f"| {width}×{height}×{frames} | ({B}, {heads}, {N}, {d}), {TEXT_TOKENS} | {t_base * 1e3:.2f} | {t_ours * 1e3:.2f} "
+              f"| {t_base / t_ours:.2f}× | {best:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,18 @@ class SelfAttention(nn.Module):
         return self.proj(out.reshape(B, T, S, D))  # (B, T', S, D)
 
 
+def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√d, masked) · v as plain matmuls: F.scaled_dot_product_attention's result.
+
+    q: (B, heads, N, d); k, v: (B, heads, L, d); mask: bool, broadcastable to (B, heads, N, L),
+    True where a query may see a key (every row needs one). A prompt is short (L = 64 tokens
+    with MiniLM), so the (N, L) scores are small, and torch's CPU flash-attention backward is
+    5× slower in bf16 than this (benchmarks/bench_training.py).
+    """
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, L)
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v  # (B, heads, N, d)
+
+
 class CrossAttention(nn.Module):
     """Video tokens attend to the text tokens; padded text tokens are masked out."""
 
@@ -261,7 +273,7 @@ class CrossAttention(nn.Module):
         # A prompt with no real token attends to nothing: let it see all keys, then zero its output.
         has_text = text_mask.any(dim=1)  # (B,)
         mask = (text_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
+        out = text_attention(q, k, v, mask)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(B, N, D) * has_text.view(B, 1, 1).to(x.dtype)  # (B, N, D)
         return self.proj(out)  # (B, N, D)
 

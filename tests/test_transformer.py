@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 
 from skyloom import ops
-from skyloom.transformer import DIT_CONFIGS, SAMPLE_PREDICTION_MIN_T, DiTConfig, SpacetimeDiT, apply_rope, dit_config
+from skyloom.transformer import (
+    DIT_CONFIGS, SAMPLE_PREDICTION_MIN_T, DiTConfig, SpacetimeDiT, apply_rope, dit_config, text_attention,
+)
 
 from .strategies import latent_grids
 
@@ -154,6 +156,21 @@ def test_padded_text_tokens_are_ignored(trained_like):
     with torch.no_grad():
         a, b = trained_like(x, t, text, mask), trained_like(x, t, noisy, mask)
     torch.testing.assert_close(a, b)
+
+
+def test_text_attention_is_scaled_dot_product_attention_with_its_mask():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 7, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, 5, 16, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.tensor([[True] * 2 + [False] * 3, [True] * 5])[:, None, None, :]
+    ours = text_attention(q, k, v, mask)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, theirs)
+    cotangent = torch.randn(ours.shape, generator=g)
+    grads = [torch.autograd.grad(out, (q, k, v), cotangent) for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert grads[0][1][0, :, 2:].abs().max() == 0  # masked keys get no gradient
 
 
 def test_an_all_padding_prompt_gives_finite_output(trained_like):
