@@ -116,8 +116,7 @@ def main() -> None:
     for index, (width, height, frames) in enumerate(BUCKETS):
         B = clips_per_batch(batch_size, (width, height, frames))
         C, T, H, W = vae.latent_shape(frames, height, width)
-        pt, ph, pw = dit_config.patch_size
-        N = -(-T // pt) * -(-H // ph) * -(-W // pw)
+        N = dit_config.num_tokens(T, H, W)
         g = torch.Generator().manual_seed(index)
         q = torch.randn(B, heads, N, d, generator=g).requires_grad_()
         k, v = (torch.randn(B, heads, TEXT_TOKENS, d, generator=g).requires_grad_() for _ in range(2))

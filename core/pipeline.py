@@ -415,19 +415,14 @@ class Pipeline:
                     record["watermarks"].append({"watermarker": plugin["name"], "payload": payload.hex()})
         return GenerationResult(frames=frames, fps=float(request.fps), record=record)
 
-    def _num_tokens(self, latent_shape) -> int:
-        _, T, H, W = latent_shape
-        pt, ph, pw = self.bundle.transformer.config.patch_size
-        return -(-T // pt) * -(-H // ph) * -(-W // pw)
-
     def _timestep_shift(self, latent_shape) -> float:
         """The bundle's `shift` at its default size, growing with the square root of the token
         count at other sizes (SD3, Open-Sora 1.2): longer and larger videos need more noise."""
         d = self.defaults
         base_shape = self.bundle.video_autoencoder.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
         return resolution_shift(
-            self._num_tokens(latent_shape),
-            base_tokens=self._num_tokens(base_shape),
+            self.bundle.transformer.config.num_tokens(*latent_shape[1:]),
+            base_tokens=self.bundle.transformer.config.num_tokens(*base_shape[1:]),
             base_shift=float(d.get("shift", 1.0)),
         )
 

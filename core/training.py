@@ -938,7 +938,6 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
     cover an object by settings["foreground_weight"]."""
     kinds = list(settings["conditioning"])
     weights = torch.tensor([float(settings["conditioning"][k]) for k in kinds])
-    pt, ph, pw = dit.config.patch_size
     mu, sigma = settings["logit_normal"]
     base_shift = float(config["defaults"].get("shift", 1.0))
 
@@ -951,8 +950,7 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
             choice = int(torch.randint(len(clips[i].captions), (1,), generator=generator))
             dropped = float(torch.rand((), generator=generator)) < settings["text_dropout"]
             captions.append("" if dropped else clips[i].captions[choice])
-        tokens = -(-T // pt) * -(-H // ph) * -(-W // pw)
-        shift = resolution_shift(tokens, base_tokens=base_tokens, base_shift=base_shift)
+        shift = resolution_shift(dit.config.num_tokens(T, H, W), base_tokens=base_tokens, base_shift=base_shift)
         t = shift_time(torch.sigmoid(mu + sigma * torch.randn(B, generator=generator)), shift)  # (B,) in (0, 1)
         noise = torch.randn(x0.shape, generator=generator)
         known = _condition_masks(kinds, weights, B, T, generator)  # (B, T')
@@ -1137,8 +1135,7 @@ def train(
     captions_of = CaptionTable(text_encoder, clips, progress)
     d = config["defaults"]
     base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
-    pt, ph, pw = dit_config.patch_size
-    base_tokens = -(-base_latent[1] // pt) * -(-base_latent[2] // ph) * -(-base_latent[3] // pw)
+    base_tokens = dit_config.num_tokens(*base_latent[1:])
     dit_settings = config["transformer_training"]
     foreground_of = None
     if dit_settings["foreground_weight"] != 1:

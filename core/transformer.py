@@ -89,6 +89,11 @@ class DiTConfig:
         if sum(axes) != self.head_dim or any(d % 2 for d in axes):
             raise ValueError(f"rope_axes_dim must be three even numbers summing to head_dim={self.head_dim}, got {axes}")
 
+    def num_tokens(self, frames: int, height: int, width: int) -> int:
+        """Tokens of a (frames, height, width) latent grid, padded to whole patches."""
+        pt, ph, pw = self.patch_size
+        return -(-frames // pt) * -(-height // ph) * -(-width // pw)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -33,6 +33,7 @@ from skyloom.training import (
     load_config,
     train,
 )
+from skyloom.transformer import DiTConfig
 
 TINY = {
     "name": "tiny",
@@ -485,7 +486,7 @@ def test_transformer_loss_weights_the_objects_cells():
     seen = {}
 
     class Recorder(torch.nn.Module):  # predicts velocity 0 and keeps what it was given
-        config = type("config", (), {"patch_size": (1, 2, 2)})
+        config = DiTConfig.from_dict({"in_channels": 4, "patch_size": [1, 2, 2]})
 
         def forward(self, x_t, t, text_tokens, text_mask, cond_latent, known):
             seen.update(x_t=x_t, t=t, known=known)

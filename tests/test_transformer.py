@@ -65,6 +65,7 @@ def test_token_count_is_the_padded_patch_grid(grid):
     padded = torch.zeros(1, 2 * C + 1, math.ceil(T / pt) * pt, math.ceil(H / ph) * ph, math.ceil(W / pw) * pw)
     tokens = ops.patchify(padded, TINY["patch_size"])
     assert tokens.shape == (1, math.ceil(T / pt) * math.ceil(H / ph) * math.ceil(W / pw), (2 * C + 1) * pt * ph * pw)
+    assert DiTConfig.from_dict(TINY).num_tokens(T, H, W) == tokens.shape[1]
     # And with patch (1, 1, 1) the token count is exactly T'·H'·W'.
     assert ops.patchify(torch.zeros(1, 2 * C + 1, T, H, W), (1, 1, 1)).shape[1] == T * H * W
 
