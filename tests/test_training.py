@@ -656,3 +656,20 @@ def test_a_generated_dataset_keeps_min_travel_and_object_size(dataset, tmp_path)
         length = (record["width"], record["height"])[axis]
         assert abs(obj["end"][axis] - obj["start"][axis]) >= length / 2
         assert (obj["start"][axis] < length / 2) == (obj["end"][axis] > obj["start"][axis])
+
+
+def test_memorisation_benchmark_scores_the_clips_and_captions_training_reads(dataset, tmp_path):
+    """benchmarks/eval_memorisation.py's training side must be what the recipe trained on: the
+    same decoded frames (a fresh MP4 write of the same clips) and each clip's first caption."""
+    from benchmarks.eval_memorisation import written_clips
+
+    shapes = {"seed": 4, "count": 3, "crf": 18, "min_travel": 0.5, "object_size": [0.3, 0.4]}
+    data = {**TINY["data"], "path": None, "shapes": shapes}
+    (tmp_path / "run").mkdir()
+    clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)
+    captioner = get_registry().create("captioner", "shapes")
+    ours = written_clips(tmp_path / "benchmark", shapes["seed"], shapes["count"], shapes)
+    assert len(ours) == len(clips) == 3
+    for (frames, fps), clip in zip(ours, clips):
+        assert torch.equal(frames, clip.frames)
+        assert captioner.captions(frames, fps, TINY["data"]["captions_per_clip"])[0] == clip.captions[0]
