@@ -37,8 +37,7 @@ def written_clips(root: Path, seed: int, count: int, shapes: dict) -> list[tuple
 def flow_losses(bundle, frames: torch.Tensor, caption: str, times: list[float], seed: int) -> list[float]:
     """The velocity loss (mean over latent values) of one clip at each noise level, one noise for all."""
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
-    vae = bundle.video_autoencoder
-    clean = vae.normalize(vae.encode_distribution(video)[0])  # the posterior mean training learns
+    clean = bundle.video_autoencoder.encode(video)  # the normalised posterior mean training learns
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     emb = bundle.text_encoder.encode([caption])
     losses = []
