@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 from importlib import metadata
@@ -60,10 +61,27 @@ def _check_output(output: Path, frames: int | None) -> None:
         raise SkyloomCLIError(f"output {output} is a directory; give a file name ending in .mp4 or .png")
 
 
+def _parse_condition(text: str) -> tuple[Path, int]:
+    """'FILE' or 'FILE@FRAME' (FRAME an integer, negative from the end) -> (path, start frame)."""
+    path, at, frame = text.rpartition("@")
+    if at and re.fullmatch(r"[+-]?\d+", frame):
+        return Path(path), int(frame)
+    return Path(text), 0
+
+
+def _read_media(option: str, path: Path):
+    from skyloom.video_io import read_video
+
+    try:
+        return read_video(path)[0]
+    except ValueError as error:
+        raise SkyloomCLIError(f"{option}: {error}") from None
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .mp4 (video) or .png (one frame).")
-@click.option("--frames", type=int, help="Number of frames (model default if omitted; 1 for an image).")
+@click.option("--frames", type=int, help="Number of frames (model default if omitted, or the --video's length; 1 for an image).")
 @click.option("--size", help="WIDTHxHEIGHT, e.g. 64x64 or 80x48 (model default if omitted).")
 @click.option("--fps", type=float, help="Frames per second of the output.")
 @click.option("--steps", type=int, help="Sampling steps.")
@@ -73,22 +91,38 @@ def _check_output(output: Path, frames: int | None) -> None:
 @click.option("--negative", default="", help="Negative prompt: what the video should not show.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
 @click.option("--prompt-enhancer", help="Rewrite the prompt with this prompt_enhancer plugin ('none' to disable).")
+@click.option("--condition", "conditions", multiple=True, metavar="FILE[@FRAME]",
+              help="Known frames: an image or a video placed at output frame FRAME (default 0; negative counts from "
+                   "the end, @-1 puts an image last). Repeatable. Image-to-video: --condition first.png; extending "
+                   "forward: --condition clip.mp4 with more --frames; connecting two scenes: --condition a.png --condition b.png@-1.")
+@click.option("--video", "video_path", type=click.Path(path_type=Path), help="Edit this video (SDEdit): noise it by --strength and denoise it toward PROMPT.")
+@click.option("--strength", type=float, help="With --video: the share of the sampling steps run from the noised video; 1 redraws it all.  [default: 0.8]")
+@click.option("--loop", is_flag=True, help="Make the video loop: the frames between its end and its start are generated anew (a second sampling pass).")
 @click.option("--upscale", type=int, default=1, show_default=True, help="Resize the frames by this factor (Lanczos) before writing, e.g. 4 for 64x64 -> 256x256.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result record (everything but the frames) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer, upscale, crf, include_prompt, as_json, quiet):
+def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer,
+             conditions, video_path, strength, loop, upscale, crf, include_prompt, as_json, quiet):
     """Generate a video (or a single frame) from PROMPT and write it to --output."""
     from skyloom.bundle import BundleError
     from skyloom.pipeline import DEFAULT, Pipeline, SafetyRefusal
     from skyloom.provenance import ProvenanceSettings
     from skyloom.registry import UnknownPluginError
-    from skyloom.request import GenerationRequest, RequestError, parse_size
+    from skyloom.request import Conditioning, GenerationRequest, RequestError, parse_size
 
-    if output.suffix.lower() in IMAGE_SUFFIXES and frames is None:
+    if output.suffix.lower() in IMAGE_SUFFIXES and frames is None and video_path is None:
         frames = 1
     _check_output(output, frames)
+    if strength is not None and video_path is None:
+        raise SkyloomCLIError("--strength applies only to editing a video: add --video FILE")
+    conditioning = []
+    for text in conditions:
+        path, start = _parse_condition(text)
+        conditioning.append(Conditioning(_read_media(f"--condition {text}", path), start))
+    video = _read_media(f"--video {video_path}", video_path) if video_path is not None else None
+    extra = {} if strength is None else {"strength": strength}
     try:
         width, height = parse_size(size) if size else (None, None)
         registry = _registry()
@@ -97,6 +131,7 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, frames=frames, width=width, height=height,
             fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler, upscale=upscale,
+            conditioning=tuple(conditioning), video=video, loop=loop, **extra,
         )
         result = pipeline(request, progress=not quiet and sys.stdout.isatty())
         result.save(output, crf=crf, provenance=ProvenanceSettings.from_env(include_prompt=include_prompt or None))

@@ -164,6 +164,18 @@ class Sampler(ABC):
     ) -> torch.Tensor:
         """Advance `sample` from `timestep` using the model's velocity there."""
 
+    def set_begin_step(self, step: int) -> int:
+        """Skip the first `step` steps of the run set_timesteps() just prepared: the caller's
+        sample is already noised to the time where step `step` begins (video-to-video, SDEdit).
+        Returns the index in `timesteps` of the first model evaluation left to make.
+
+        A sampler that cannot start part-way keeps this default, and cannot edit videos.
+        """
+        raise NotImplementedError(
+            f"sampler {type(self).__name__} cannot start part-way through its steps, so it cannot "
+            "edit a video; choose one of skyloom's built-in samplers (see `skyloom plugins`)"
+        )
+
 
 # --- safety_filter -----------------------------------------------------------------------
 

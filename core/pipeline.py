@@ -1,7 +1,8 @@
 """The core scheduler: runs a GenerationRequest through the stages, each a call to plugins of one kind.
 
-    prompt_safety -> prompt_enhancement -> enhanced_prompt_safety -> text_encoding -> sampling
-    -> decoding -> frame_safety -> watermarking -> (GenerationResult.save) writing
+    prompt_safety -> prompt_enhancement -> enhanced_prompt_safety -> conditioning_safety
+    -> text_encoding -> sampling -> decoding -> looping -> frame_safety -> watermarking
+    -> (GenerationResult.save) writing
 
 Load once, call many times: no state is kept between requests except caches of pure functions
 (text encodings). docs/architecture.md walks through one request.
@@ -29,7 +30,7 @@ from skyloom.bundle import DEFAULT_MODEL_DIR, ModelBundle, load_bundle
 from skyloom.provenance import ProvenanceSettings, write_signed_media
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
 from skyloom.registry import Registry, get_registry
-from skyloom.request import GenerationRequest, RequestError
+from skyloom.request import Conditioning, GenerationRequest, RequestError
 from skyloom.sampling import classifier_free_guidance, resolution_shift
 from skyloom.video_io import resize_frames
 
@@ -41,6 +42,7 @@ STAGES = (
     "text_encoding",
     "sampling",
     "decoding",
+    "looping",
     "frame_safety",
     "watermarking",
     "writing",
@@ -308,7 +310,7 @@ class Pipeline:
     def _generate(self, request: GenerationRequest, progress: bool) -> GenerationResult:
         record = self._base_record(request)
         bundle = self.bundle
-        vae, transformer = bundle.video_autoencoder, bundle.transformer
+        vae = bundle.video_autoencoder
 
         # 1. Prompt safety, enhancement, safety on the enhanced prompt.
         self._text_safety(record, "prompt_safety", request.prompt)
@@ -322,14 +324,15 @@ class Pipeline:
             record["enhanced_prompt"] = prompt
             self._text_safety(record, "enhanced_prompt_safety", prompt)
 
-        # 2. Captions of conditioning media go through the prompt filters too.
-        if not request.conditioning:
+        # 2. Captions of the caller's media (known frames, a video to edit) go through the prompt filters too.
+        media = [c.media for c in request.conditioning] + ([request.video] if request.video is not None else [])
+        if not media:
             _skip(record, "conditioning_safety", "no conditioning media")
         elif self.captioner is None or not self.safety_filters:
             _skip(record, "conditioning_safety", "no captioner selected" if self.captioner is None else "no safety_filter selected")
         else:
-            for cond in request.conditioning:
-                caption = self.captioner[0].caption(cond.media, request.fps)
+            for frames in media:
+                caption = self.captioner[0].caption(frames, request.fps)
                 record.setdefault("conditioning_captions", []).append(caption)
                 self._text_safety(record, "conditioning_safety", caption)
 
@@ -339,44 +342,39 @@ class Pipeline:
             emb = encoder.encode([prompt, request.negative_prompt])
             tokens, mask = emb.tokens.to(self.device), emb.mask.to(self.device)
 
-        # 4. Sampling in latent space.
+        # 4. Sampling in latent space: from noise, or from the noised `video` (SDEdit).
         sampler_choice = self.sampler if self.sampler is not None and not isinstance(self.sampler, str) else request.sampler
         sampler, entry = _resolve(self.registry, "sampler", sampler_choice, request.sampler_options)
         record["plugins"]["sampler"] = [entry]
         latent_shape = vae.latent_shape(request.frames, request.height, request.width)
-        C, T, H, W = latent_shape
-        cond_latent, cond_mask = self._encode_conditioning(request, latent_shape, record)
+        known = self._encode_conditioning(request, latent_shape)
+        if request.conditioning:
+            record["conditioning"] = [{"start_frame": c.start_frame, "frames": int(c.media.shape[0])} for c in request.conditioning]
         shift = float(request.sampler_options.get("shift", self._timestep_shift(latent_shape)))
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         record["sampler"] = {"name": entry["name"], "config": dict(getattr(sampler, "config", {})), "shift": shift}
-        with _measure(record, "sampling"), torch.inference_mode(), self._autocast():
-            sample = torch.randn((1, *latent_shape), generator=generator).to(self.device)
-            sampler.set_timesteps(request.steps, shift=shift)
-            guided = request.guidance != 1.0
-            for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
-                if guided:
-                    x = sample.expand(2, -1, -1, -1, -1)
-                    tt = torch.full((2,), float(t), device=self.device)
-                    v = transformer(x, tt, tokens, mask, cond_latent.expand(2, -1, -1, -1, -1), cond_mask.expand(2, -1))
-                    velocity = classifier_free_guidance(v[:1], v[1:], request.guidance)
-                else:
-                    tt = torch.full((1,), float(t), device=self.device)
-                    velocity = transformer(sample, tt, tokens[:1], mask[:1], cond_latent, cond_mask)
-                sample = sampler.step(velocity.float(), t, sample, generator=generator)
-            # Known latent frames are exactly the conditioning, not the model's reconstruction of it.
-            known = cond_mask.view(1, 1, T, 1, 1).bool()
-            sample = torch.where(known, cond_latent, sample)
+        start = None
+        if request.video is not None:
+            with torch.inference_mode(), self._on_device(vae):
+                start = self._encode_frames(request.video, request.height, request.width)
+        with _measure(record, "sampling"):
+            sample, start_time = self._sample(sampler, request, shift, (tokens, mask), known, generator, progress, start)
+        if start is not None:
+            record["video_edit"] = {"frames": int(request.video.shape[0]), "strength": request.strength,
+                                    "steps_run": request.edit_steps, "start_time": start_time}
 
-        # 5. Decoding to pixels, a few latent frames at a time; only uint8 frames accumulate.
-        with _measure(record, "decoding"), torch.inference_mode(), self._autocast(), self._on_device(vae):
-            chunks = []
-            latent = sample.to(next(vae.parameters()).dtype)
-            for pixels in vae.iter_decode(latent, chunk_frames=DECODE_CHUNK_FRAMES):  # (1, 3, t, H', W') in [-1, 1]
-                pixels = pixels[0, :, :, : request.height, : request.width]
-                chunks.append(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-            frames = torch.cat(chunks, dim=1)[:, : request.frames].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
-            if request.upscale > 1:  # before frame safety and watermarking: they see what is written
-                frames = resize_frames(frames, request.width * request.upscale, request.height * request.upscale)
+        # 5. Decoding to pixels.
+        with _measure(record, "decoding"):
+            frames = self._decode(sample, request)
+
+        # 5b. A loop: the video's end is connected to its start by generating the frames between.
+        if not request.loop:
+            _skip(record, "looping", "not a loop")
+        else:
+            with _measure(record, "looping"):
+                frames, record["loop"] = self._close_loop(frames, request, sampler, shift, (tokens, mask), generator, progress)
+        if request.upscale > 1:  # before frame safety and watermarking: they see what is written
+            frames = resize_frames(frames, request.width * request.upscale, request.height * request.upscale)
 
         # 6. Frame safety.
         frame_filters = self.safety_filters
@@ -426,34 +424,113 @@ class Pipeline:
             base_shift=float(d.get("shift", 1.0)),
         )
 
-    def _encode_conditioning(self, request: GenerationRequest, latent_shape, record: dict):
+    def _encode_frames(self, media: torch.Tensor, height: int, width: int, *, behind_copy: bool = False) -> torch.Tensor:
+        """(T, H, W, 3) uint8 frames, resized to height x width -> normalised latents (1, C, T', H', W').
+
+        behind_copy: encode behind a copy of the first frame and drop its latent, so that the
+        frames take the places of latent frames >= 1 (each covering `temporal_compression`
+        frames) rather than the first latent frame, which covers one frame alone.
+        """
+        vae = self.bundle.video_autoencoder
+        ct = vae.temporal_compression
+        media = media.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (3, T, H, W) in [-1, 1]
+        media = F.interpolate(media, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        if behind_copy:
+            media = torch.cat([media[:, :1], media], dim=1)
+        pad = -(media.shape[1] - 1) % ct  # the encoder takes 1 + k·ct frames: repeat the last
+        media = torch.cat([media, media[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+        latent = vae.encode(media[None].to(self.device)).float()
+        return latent[:, :, 1:] if behind_copy else latent
+
+    def _encode_conditioning(self, request: GenerationRequest, latent_shape):
         """Known frames -> (cond_latent (1, C, T', H', W'), cond_mask (1, T')) on the device."""
         C, T, H, W = latent_shape
         cond_latent = torch.zeros((1, C, T, H, W), device=self.device)
         cond_mask = torch.zeros((1, T), device=self.device)
         if not request.conditioning:
             return cond_latent, cond_mask
-        vae = self.bundle.video_autoencoder
-        ct = vae.temporal_compression
-        with torch.inference_mode(), self._on_device(vae):
+        ct = self.bundle.video_autoencoder.temporal_compression
+        with torch.inference_mode(), self._on_device(self.bundle.video_autoencoder):
             for cond in request.conditioning:
                 start = cond.start_frame if cond.start_frame >= 0 else request.frames + cond.start_frame
-                media = cond.media.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (3, T, H, W) in [-1, 1]
-                media = F.interpolate(media, size=(request.height, request.width), mode="bilinear", antialias=True, align_corners=False)
                 # Latent frame 0 covers pixel frame 0; latent frame j >= 1 covers pixel frames (j-1)·ct+1 .. j·ct.
                 first = 0 if start == 0 else 1 + (start - 1) // ct  # on a boundary: validate() checked
-                if start != 0:  # encode behind a copy of its first frame, whose latent is then dropped
-                    media = torch.cat([media[:, :1], media], dim=1)
-                pad = -(media.shape[1] - 1) % ct  # the encoder takes 1 + k·ct frames: repeat the last
-                media = torch.cat([media, media[:, -1:].expand(-1, pad, -1, -1)], dim=1)
-                latent = vae.encode(media[None].to(self.device))
-                if start != 0:
-                    latent = latent[:, :, 1:]
+                latent = self._encode_frames(cond.media, request.height, request.width, behind_copy=start != 0)
                 n = min(latent.shape[2], T - first)
-                cond_latent[:, :, first : first + n] = latent[:, :, :n].float()
+                cond_latent[:, :, first : first + n] = latent[:, :, :n]
                 cond_mask[:, first : first + n] = 1
-        record["conditioning"] = [{"start_frame": c.start_frame, "frames": int(c.media.shape[0])} for c in request.conditioning]
         return cond_latent, cond_mask
+
+    def _sample(self, sampler: Sampler, request: GenerationRequest, shift: float, text, known, generator, progress: bool,
+                start: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Denoise a latent video (1, C, T', H', W'): from pure noise, or from the clean latents
+        `start` noised to where the last `request.strength` share of the steps begins (SDEdit).
+        `text` is the (tokens, mask) of the prompt and the negative prompt; `known` the
+        (cond_latent, cond_mask) of the conditioning frames. Returns the sample and the time
+        it started from (1 = pure noise)."""
+        transformer = self.bundle.transformer
+        tokens, mask = text
+        cond_latent, cond_mask = known
+        with torch.inference_mode(), self._autocast():
+            noise = torch.randn(cond_latent.shape, generator=generator).to(self.device)
+            sampler.set_timesteps(request.steps, shift=shift)
+            timesteps, start_time = sampler.timesteps, 1.0
+            if start is None:
+                sample = noise
+            else:
+                first = sampler.set_begin_step(request.steps - request.edit_steps)
+                timesteps = timesteps[first:]
+                start_time = float(timesteps[0])
+                sample = (1 - start_time) * start + start_time * noise  # x_t = (1 - t)·x_0 + t·noise
+            guided = request.guidance != 1.0
+            for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+                if guided:
+                    x = sample.expand(2, -1, -1, -1, -1)
+                    tt = torch.full((2,), float(t), device=self.device)
+                    v = transformer(x, tt, tokens, mask, cond_latent.expand(2, -1, -1, -1, -1), cond_mask.expand(2, -1))
+                    velocity = classifier_free_guidance(v[:1], v[1:], request.guidance)
+                else:
+                    tt = torch.full((1,), float(t), device=self.device)
+                    velocity = transformer(sample, tt, tokens[:1], mask[:1], cond_latent, cond_mask)
+                sample = sampler.step(velocity.float(), t, sample, generator=generator)
+            # Known latent frames are exactly the conditioning, not the model's reconstruction of it.
+            sample = torch.where(cond_mask.view(1, 1, -1, 1, 1).bool(), cond_latent, sample)
+        return sample, start_time
+
+    def _decode(self, sample: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """Latents -> (frames, height, width, 3) uint8, a few latent frames at a time; only uint8 frames accumulate."""
+        vae = self.bundle.video_autoencoder
+        with torch.inference_mode(), self._autocast(), self._on_device(vae):
+            chunks = []
+            latent = sample.to(next(vae.parameters()).dtype)
+            for pixels in vae.iter_decode(latent, chunk_frames=DECODE_CHUNK_FRAMES):  # (1, 3, t, H', W') in [-1, 1]
+                pixels = pixels[0, :, :, : request.height, : request.width]
+                chunks.append(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            return torch.cat(chunks, dim=1)[:, : request.frames].permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3)
+
+    def _close_loop(self, frames: torch.Tensor, request: GenerationRequest, sampler, shift, text, generator, progress):
+        """Make `frames` play as a loop, as Sora makes loops by connecting a video to itself.
+
+        Rolled by m, the video's seam (last frame -> first) moves to its middle, and its ends,
+        frames m and m-1 of the original, follow each other. The rolled video's first frame and
+        its last latent frame (the last `temporal_compression` frames at most) are kept as known
+        frames, and the frames between are generated anew, connecting one to the other.
+        Returns the looped frames and a record of what was kept.
+        """
+        n, ct = request.frames, self.bundle.video_autoencoder.temporal_compression
+        tail = 1 + (n - 2) // ct * ct  # where the last latent frame begins; validate() ensures tail > ct
+        m = max(n // 2, n - tail)  # the tail, frames m-(n-tail) .. m-1 of the original, must not wrap
+        rolled = torch.roll(frames, -m, dims=0)
+        bridge = GenerationRequest(
+            request.prompt, request.negative_prompt, frames=n, width=request.width, height=request.height,
+            steps=request.steps, guidance=request.guidance, seed=request.seed,
+            conditioning=(Conditioning(rolled[:1], 0), Conditioning(rolled[tail:], tail)),
+        )
+        latent_shape = self.bundle.video_autoencoder.latent_shape(n, request.height, request.width)
+        known = self._encode_conditioning(bridge, latent_shape)
+        sample, _ = self._sample(sampler, bridge, shift, text, known, generator, progress)
+        looped = self._decode(sample, bridge)
+        return looped, {"rolled_by": m, "kept_frames": [0, *range(tail, n)], "generated_frames": list(range(1, tail))}
 
     @contextlib.contextmanager
     def _on_device(self, component):

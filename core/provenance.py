@@ -155,8 +155,9 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
         },
         "watermarks": list(record.get("watermarks") or []),
     }
-    if record.get("conditioning"):
-        recipe["conditioning"] = record["conditioning"]
+    for key in ("conditioning", "video_edit", "loop"):  # present only when the request used them
+        if record.get(key):
+            recipe[key] = record[key]
     if include_prompt:
         recipe.update({key: record[key] for key in _PROMPT_FIELDS if key in record})
     return recipe

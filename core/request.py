@@ -44,6 +44,12 @@ class GenerationRequest:
     sampler: str | None = None
     sampler_options: dict = field(default_factory=dict)
     conditioning: tuple[Conditioning, ...] = ()
+    # Video-to-video (SDEdit): start from `video`, (T, H, W, 3) uint8 resized to the request's
+    # size, noised to where the last `strength` share of the sampling steps begins; 1 redraws it
+    # all. `frames` defaults to the video's length.
+    video: torch.Tensor | None = None
+    strength: float = 0.8
+    loop: bool = False  # the last frame leads back into the first: the video plays as a loop
     upscale: int = 1  # resize the decoded frames by this factor (Lanczos) before writing
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
@@ -52,9 +58,16 @@ class GenerationRequest:
         for f in fields(self):
             if getattr(self, f.name) is None and f.name in defaults:
                 filled[f.name] = defaults[f.name]
+        if self.frames is None and isinstance(self.video, torch.Tensor) and self.video.dim() == 4:
+            filled["frames"] = self.video.shape[0]
         if self.seed is None and "seed" not in filled:
             filled["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
         return replace(self, **filled)
+
+    @property
+    def edit_steps(self) -> int:
+        """With a `video`: how many of the `steps` run, the last `strength` share (as diffusers counts)."""
+        return math.floor(self.steps * self.strength + 1e-6)
 
     def validate(self, *, spatial_multiple: int = 1, temporal_multiple: int = 1) -> None:
         """Raise RequestError naming the first invalid field; call after with_defaults."""
@@ -99,6 +112,29 @@ class GenerationRequest:
                     f"conditioning[{index}] starts at frame {start}, not on a latent frame boundary: "
                     f"use frame 0 or 1 + k·{temporal_multiple}"
                 )
+        _check_float("strength", self.strength, 0.0, 1.0)
+        if self.video is not None:
+            video = self.video
+            if not isinstance(video, torch.Tensor) or video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
+                shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+                raise RequestError(f"video must be a (T, H, W, 3) uint8 tensor, got {shape}")
+            if video.shape[0] != self.frames:
+                raise RequestError(
+                    f"video has {video.shape[0]} frames but {self.frames} frames were requested: "
+                    f"ask for {video.shape[0]} frames (the default with a video) or trim the video"
+                )
+            if self.edit_steps < 1:
+                raise RequestError(
+                    f"strength {self.strength} of {self.steps} steps runs no step: "
+                    f"use strength >= {1 / self.steps:.3g} or more steps"
+                )
+        if not isinstance(self.loop, bool):
+            raise RequestError(f"loop must be True or False, got {self.loop!r}")
+        if self.loop and self.frames < temporal_multiple + 2:
+            raise RequestError(
+                f"a loop needs at least {temporal_multiple + 2} frames, got {self.frames}: it keeps the first frame "
+                "and the last latent frame of the video and generates the frames between them anew"
+            )
 
 
 def _check_int(name, value, low, high, hint=""):

@@ -147,7 +147,8 @@ class FlowSampler(Sampler):
 
     A subclass implements `_step(index, velocity, sample, generator)` for the `index`-th model
     evaluation of the run, may override `_evaluation_times` (when it evaluates the model at
-    other times than t_0 ... t_{n-1}) and `_reset` (to clear its per-run state), and records
+    other times than t_0 ... t_{n-1}) and `_reset` (to clear its per-run state; a run that
+    starts part-way, at set_begin_step(), starts with it clear), and records
     its own constructor arguments with `super().__init__(shift=shift, **config)`.
 
     `shift` given to the constructor is the default for set_timesteps(); one passed there wins.
@@ -185,6 +186,15 @@ class FlowSampler(Sampler):
         self._index = 0
         self._reset()
 
+    def set_begin_step(self, step: int) -> int:
+        grid, _ = self._require_run()
+        if self._index != 0:
+            raise RuntimeError(f"{type(self).__name__}.set_begin_step must come right after set_timesteps, before any step()")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(grid) - 1:
+            raise ValueError(f"{type(self).__name__}.set_begin_step: step must be an integer in 0..{len(grid) - 2}, got {step!r}")
+        self._index = self._evaluation_index(step)
+        return self._index
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -209,6 +219,18 @@ class FlowSampler(Sampler):
 
     def _evaluation_times(self, grid: torch.Tensor) -> torch.Tensor:
         return grid[:-1]
+
+    def _evaluation_index(self, step: int) -> int:
+        """The index in `timesteps` of the evaluation that starts grid step `step`: the last one
+        at time_grid[step] (a corrector of the step before, as Heun's, comes first)."""
+        grid, timesteps = self._require_run()
+        (matches,) = (timesteps == grid[step].to(timesteps.dtype)).nonzero(as_tuple=True)
+        if len(matches) == 0:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not evaluate the model at t = {float(grid[step]):.4f}, where step "
+                f"{step} begins, so it cannot start there; it must override _evaluation_index"
+            )
+        return int(matches[-1])
 
     def _reset(self) -> None:
         """Clear per-run state (previous outputs); called by set_timesteps()."""

@@ -85,6 +85,41 @@ def test_generate_writes_the_requested_frames_and_size(tmp_path, name, frames, s
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
+def test_conditioning_video_edit_and_loop_options_reach_the_request(tmp_path):
+    from skyloom.video_io import write_image
+
+    image, tail, clip, out = tmp_path / "first.png", tmp_path / "tail.mp4", tmp_path / "clip.mp4", tmp_path / "out.mp4"
+    write_image(image, torch.full((48, 48, 3), 200, dtype=torch.uint8))
+    write_video(tail, torch.full((4, 32, 32, 3), 60, dtype=torch.uint8), 8)
+    write_video(clip, torch.full((9, 32, 32, 3), 60, dtype=torch.uint8), 8)
+    common = ("-o", str(out), "--size", "32x32", "--steps", "2", "--seed", "1", "--json", "-q")
+    result = invoke("generate", "a red circle", *common, "--frames", "9", "--condition", str(image), "--condition", f"{tail}@-4")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["conditioning"] == [{"start_frame": 0, "frames": 1}, {"start_frame": -4, "frames": 4}]
+    result = invoke("generate", "a red circle", *common, "--video", str(clip), "--strength", "0.5")  # 9 frames, as the video
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["video_edit"]["steps_run"] == 1 and read_video(out)[0].shape[0] == 9
+    result = invoke("generate", "a red circle", *common, "--frames", "9", "--loop")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["loop"]["kept_frames"] == [0, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strength", "0.5"], "--strength applies only to editing a video: add --video FILE"),
+        (["--video", "missing.mp4"], "--video missing.mp4: cannot read 'missing.mp4': no such file"),
+        (["--condition", "missing.png@-1"], "--condition missing.png@-1: cannot read 'missing.png': no such file"),
+        (["--frames", "5", "--loop"], "a loop needs at least 6 frames, got 5"),
+    ],
+)
+def test_bad_media_options_fail_with_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("generate", "a red circle", "-o", "out.mp4", "--steps", "1", *args)
+    assert result.exit_code == 1 and result.output.startswith(f"error: {message}") and result.output.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_untrained_model_says_so_and_the_trained_one_does_not(tmp_path):
     from skyloom.bundle import DEFAULT_MODEL_DIR
 

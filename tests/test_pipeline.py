@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, WatermarkDetection, Watermarker
+from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, WatermarkDetection, Watermarker
 from skyloom.pipeline import STAGES, Pipeline, SafetyRefusal
 from skyloom.request import Conditioning, GenerationRequest
 
@@ -189,6 +189,65 @@ def test_captions_of_conditioning_media_go_through_the_prompt_filters():
     with pytest.raises(SafetyRefusal) as refusal:
         unsafe(small(conditioning=image))
     assert refusal.value.stage == "conditioning_safety"
+    with pytest.raises(SafetyRefusal) as refusal:  # a video to edit is the caller's media too
+        unsafe(small(video=torch.zeros(5, 32, 32, 3, dtype=torch.uint8)))
+    assert refusal.value.stage == "conditioning_safety"
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of two uint8 videos, in levels."""
+    return float((a.float() - b.float()).abs().mean())
+
+
+def test_video_edit_runs_the_last_strength_share_of_the_steps(pipe, monkeypatch):
+    video = pipe(small(prompt="a blue square moves right", seed=1)).frames
+    times = []
+    forward = pipe.bundle.transformer.forward
+    monkeypatch.setattr(pipe.bundle.transformer, "forward", lambda x, t, *a, **k: times.append(float(t[0])) or forward(x, t, *a, **k))
+    pipe(small(steps=4, guidance=1.0))
+    full, times[:] = list(times), []
+    edit = pipe(small(steps=4, guidance=1.0, video=video, strength=0.5))
+    assert times == full[2:]  # the last two of four steps, at the same times
+    assert edit.record["video_edit"] == {"frames": 5, "strength": 0.5, "steps_run": 2, "start_time": full[2]}
+
+
+def test_video_edit_at_full_strength_is_text_to_video_and_low_strength_keeps_the_video(pipe):
+    video = pipe(small(prompt="a blue square moves right", seed=1, steps=8)).frames
+    plain = pipe(small(seed=2, steps=8)).frames
+    assert torch.equal(pipe(small(seed=2, steps=8, video=video, strength=1.0)).frames, plain)
+    light = pipe(small(seed=2, steps=8, video=video, strength=0.25)).frames
+    assert _distance(light, video) < 0.5 * _distance(plain, video)
+
+
+def test_a_sampler_that_cannot_start_part_way_cannot_edit(pipe):
+    class FromNoiseOnly(Sampler):
+        config = {}
+
+        def set_timesteps(self, num_steps, *, shift=1.0):
+            self.timesteps = torch.linspace(1, 0, num_steps + 1)[:-1]
+
+        def step(self, model_output, timestep, sample, *, generator=None):
+            return sample - model_output / len(self.timesteps)
+
+    only = Pipeline(pipe.bundle, sampler=FromNoiseOnly(), safety_filters=[], watermarkers=[], audit_log=None, device="cpu")
+    assert only(small()).frames.shape == (5, 32, 32, 3)
+    with pytest.raises(NotImplementedError, match="sampler FromNoiseOnly cannot start part-way"):
+        only(small(video=torch.zeros(5, 32, 32, 3, dtype=torch.uint8)))
+
+
+def test_loop_keeps_the_rolled_ends_and_generates_the_frames_between(pipe):
+    plain = pipe(small(frames=9, seed=4)).frames
+    looped = pipe(small(frames=9, seed=4, loop=True))
+    assert looped.record["loop"] == {"rolled_by": 4, "kept_frames": [0, 5, 6, 7, 8], "generated_frames": [1, 2, 3, 4]}
+    assert looped.record["stages"]["looping"]["status"] == "ran"
+    frames = looped.frames
+    assert frames.shape == plain.shape
+    # Its first frame is the plain video's frame 4 and its last four are frames 0..3, through the
+    # autoencoder once more (6 and 10-12 levels off at 32x32): so its last frame leads into its
+    # first as frame 3 led into frame 4. The frames between are new (28-31 levels off).
+    assert _distance(frames[:1], plain[4:5]) < 16
+    assert _distance(frames[5:], plain[:4]) < 16
+    assert _distance(frames[1:5], plain[5:9]) > 20
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -86,3 +86,33 @@ def test_conditioning_must_start_on_a_latent_frame_boundary():
         GenerationRequest("x", frames=17, conditioning=(Conditioning(image, start),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
     with pytest.raises(RequestError, match=r"starts at frame 3, not on a latent frame boundary: use frame 0 or 1 \+ k·4"):
         GenerationRequest("x", frames=17, conditioning=(Conditioning(image, 3),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+
+
+def test_a_video_to_edit_sets_the_default_frame_count_and_is_checked():
+    video = torch.zeros(9, 8, 8, 3, dtype=torch.uint8)
+    edit = GenerationRequest("x", video=video).with_defaults(DEFAULTS)
+    assert edit.frames == 9 and edit.strength == 0.8 and edit.edit_steps == 24  # the last 80 % of 30 steps
+    edit.validate(temporal_multiple=4)
+    bad = [
+        ({"video": video.float()}, r"video must be a \(T, H, W, 3\) uint8 tensor, got \(9, 8, 8, 3\)"),
+        ({"video": video, "frames": 17}, "video has 9 frames but 17 frames were requested"),
+        ({"video": video, "strength": 0.0}, "strength must be > 0.0 and <= 1.0, got 0.0"),
+        ({"video": video, "strength": 1.5}, "strength must be > 0.0 and <= 1.0, got 1.5"),
+        ({"video": video, "strength": 0.02}, "strength 0.02 of 30 steps runs no step: use strength >= 0.0333 or more steps"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(RequestError, match=message):
+            GenerationRequest("x", **fields).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+
+
+@pytest.mark.parametrize("steps, strength, expected", [(30, 0.5, 15), (10, 0.7, 7), (100, 0.29, 29), (4, 1.0, 4), (3, 0.5, 1)])
+def test_edit_steps_are_the_strength_share_of_the_steps_rounded_down(steps, strength, expected):
+    assert GenerationRequest("x", steps=steps, strength=strength).edit_steps == expected
+
+
+def test_a_loop_needs_a_latent_frame_to_generate_between_its_ends():
+    GenerationRequest("x", frames=6, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    with pytest.raises(RequestError, match="a loop needs at least 6 frames, got 5"):
+        GenerationRequest("x", frames=5, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    with pytest.raises(RequestError, match="loop must be True or False"):
+        GenerationRequest("x", loop="yes").with_defaults(DEFAULTS).validate(temporal_multiple=4)

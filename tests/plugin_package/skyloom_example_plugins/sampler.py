@@ -35,6 +35,15 @@ class ExampleSampler(Sampler):
         self._index = 0
         self._start = None  # (x_i, Δt) while the midpoint evaluation of step i is pending
 
+    def set_begin_step(self, step: int) -> int:
+        # Optional: starting part-way lets `GenerationRequest(video=...)` edit videos with this sampler.
+        if self._grid is None or self._index != 0:
+            raise RuntimeError("ExampleSampler.set_begin_step: call it right after set_timesteps(num_steps)")
+        if not 0 <= step < len(self._grid) - 1:
+            raise ValueError(f"ExampleSampler.set_begin_step: step must be in 0..{len(self._grid) - 2}, got {step}")
+        self._index = 2 * step  # step i's evaluations are 2i (at t_i) and 2i + 1 (at its midpoint)
+        return self._index
+
     def step(self, model_output, timestep, sample, *, generator=None):
         if self._grid is None:
             raise RuntimeError("ExampleSampler.step: call set_timesteps(num_steps) before step()")
