@@ -884,7 +884,7 @@ class CaptionTable:
     encoding depends in its last bits on the batch it is encoded with (MiniLM: up to 2e-6), so a
     fixed order gives a straight and a resumed run the same numbers. Encoding the captions at
     every step instead cost about a quarter of a CPU step (MiniLM: 0.18 s per 32 on two cores).
-    Rows keep only the real tokens: MiniLM's 24,001 captions of the embedded recipe take 0.7 GB."""
+    Rows keep only the real tokens: MiniLM's 24,001 captions of recipe v16 took 0.7 GB (v17 has 30,903)."""
 
     def __init__(self, text_encoder, clips: list[Clip], progress: bool):
         from tqdm import tqdm
