@@ -139,18 +139,58 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(straight_run, datas
     assert _losses(tmp_path / "run") == _losses(run_dir)
 
 
-def test_run_killed_before_the_first_transformer_checkpoint_resumes_exactly(straight_run, dataset, tmp_path):
-    bundle_dir, run_dir = straight_run
-    killed = tmp_path / "run"
-    shutil.copytree(run_dir, killed)  # then undo what the transformer stage wrote
+def _killed_before_the_transformer_stage(run_dir: Path, folder: Path) -> Path:
+    """A copy of a finished run with what its transformer stage wrote undone."""
+    killed = folder / "run"
+    shutil.copytree(run_dir, killed)
     for checkpoint in (killed / "checkpoints").glob("transformer-*"):
         shutil.rmtree(checkpoint)
     log = killed / "log.jsonl"
     log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"autoencoder"' in line))
+    return killed
+
+
+def test_run_killed_before_the_first_transformer_checkpoint_resumes_exactly(straight_run, dataset, tmp_path):
+    bundle_dir, run_dir = straight_run
+    killed = _killed_before_the_transformer_stage(run_dir, tmp_path)
     resumed = _train(_config_file(tmp_path, dataset), killed, resume=True)
     expected, got = _weights(bundle_dir), _weights(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # the same random draws as the straight run
     assert _losses(killed) == _losses(run_dir)
+
+
+def test_a_resume_reads_the_latents_and_caption_encodings_instead_of_computing_them(straight_run, dataset, tmp_path, monkeypatch):
+    bundle_dir, run_dir = straight_run
+    killed = _killed_before_the_transformer_stage(run_dir, tmp_path)
+    assert (killed / "autoencoder" / training.LATENTS).is_file() and (killed / training.CAPTION_ENCODINGS).is_file()
+
+    def computed_again(*args, **kwargs):
+        raise AssertionError("a resume computed the latents or the caption encodings again")
+
+    path = _config_file(tmp_path, dataset)
+    encoder_class = get_registry().get("text_encoder", load_config(path)["text_encoder"]["plugin"]).factory
+    monkeypatch.setattr(training, "encode_latents", computed_again)
+    monkeypatch.setattr(encoder_class, "encode", computed_again)
+    resumed = _train(path, killed, resume=True)
+    expected, got = _weights(bundle_dir), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_damaged_latents_and_caption_encodings_are_computed_again(straight_run, dataset, tmp_path, capsys):
+    bundle_dir, run_dir = straight_run
+    killed = _killed_before_the_transformer_stage(run_dir, tmp_path)
+    (killed / "autoencoder" / training.LATENTS).write_bytes(b"not safetensors")
+    from safetensors.torch import save_file
+
+    encodings = killed / training.CAPTION_ENCODINGS  # a readable file, but of other captions
+    save_file(load_file(str(encodings)), str(encodings), metadata={"key": "other captions"})
+    resumed = _train(_config_file(tmp_path, dataset), killed, resume=True)
+    expected, got = _weights(bundle_dir), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "encoding the latents again" in err
+    assert "holds the encodings of other captions; encoding the captions again" in err
+    assert (killed / training.CAPTION_ENCODINGS).read_bytes() == (run_dir / training.CAPTION_ENCODINGS).read_bytes()
 
 
 def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, dataset, tmp_path):
