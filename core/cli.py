@@ -70,10 +70,11 @@ def _parse_condition(text: str) -> tuple[Path, int]:
 
 
 def _read_media(option: str, path: Path):
+    """(frames, fps) of an image or video given to `option`."""
     from skyloom.video_io import read_video
 
     try:
-        return read_video(path)[0]
+        return read_video(path)
     except ValueError as error:
         raise SkyloomCLIError(f"{option}: {error}") from None
 
@@ -81,7 +82,7 @@ def _read_media(option: str, path: Path):
 @main.command()
 @click.argument("prompt")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output file: .mp4 (video) or .png (one frame).")
-@click.option("--frames", type=int, help="Number of frames (model default if omitted, or the --video's length; 1 for an image).")
+@click.option("--frames", type=int, help="Number of frames (model default if omitted; 1 for an image).")
 @click.option("--size", help="WIDTHxHEIGHT, e.g. 64x64 or 80x48 (model default if omitted).")
 @click.option("--fps", type=float, help="Frames per second of the output.")
 @click.option("--steps", type=int, help="Sampling steps.")
@@ -92,12 +93,16 @@ def _read_media(option: str, path: Path):
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
 @click.option("--prompt-enhancer", help="Rewrite the prompt with this prompt_enhancer plugin ('none' to disable).")
 @click.option("--condition", "conditions", multiple=True, metavar="FILE[@FRAME]",
-              help="Known frames: an image or a video placed at output frame FRAME (default 0; negative counts from "
-                   "the end, @-1 puts an image last). Repeatable. Image-to-video: --condition first.png; extending "
-                   "forward: --condition clip.mp4 with more --frames; connecting two scenes: --condition a.png --condition b.png@-1.")
-@click.option("--video", "video_path", type=click.Path(path_type=Path), help="Edit this video (SDEdit): noise it by --strength and denoise it toward PROMPT.")
+              help="Known frames: an image or a video placed at output frame FRAME: 0 (the default) or the start of a "
+                   "latent frame, 1 + k·4 for the embedded model; negative counts from the end. Repeatable. "
+                   "Image-to-video: --condition first.png; extending forward: --condition clip.mp4 with more --frames; "
+                   "connecting two scenes in 17 frames: --condition a.png --condition b.png@-4 (the last 4 frames).")
+@click.option("--video", "video_path", type=click.Path(path_type=Path),
+              help="Edit this video (SDEdit): noise it by --strength and denoise it toward PROMPT. Its length and frame "
+                   "rate are the defaults of --frames and --fps; it is resized to --size.")
 @click.option("--strength", type=float, help="With --video: the share of the sampling steps run from the noised video; 1 redraws it all.  [default: 0.8]")
-@click.option("--loop", is_flag=True, help="Make the video loop: the frames between its end and its start are generated anew (a second sampling pass).")
+@click.option("--loop", is_flag=True, help="Make the video loop: the frames between its end and its start are generated anew "
+                                         "(a second sampling pass). Not with --condition or --video.")
 @click.option("--upscale", type=int, default=1, show_default=True, help="Resize the frames by this factor (Lanczos) before writing, e.g. 4 for 64x64 -> 256x256.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")
@@ -120,8 +125,13 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
     conditioning = []
     for text in conditions:
         path, start = _parse_condition(text)
-        conditioning.append(Conditioning(_read_media(f"--condition {text}", path), start))
-    video = _read_media(f"--video {video_path}", video_path) if video_path is not None else None
+        conditioning.append(Conditioning(_read_media(f"--condition {text}", path)[0], start))
+    video = None
+    if video_path is not None:
+        video, video_fps = _read_media(f"--video {video_path}", video_path)
+        frames = video.shape[0] if frames is None else frames
+        fps = video_fps if fps is None and video_fps > 0 else fps
+        _check_output(output, frames)
     extra = {} if strength is None else {"strength": strength}
     try:
         width, height = parse_size(size) if size else (None, None)
@@ -138,7 +148,10 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
     except SafetyRefusal as refusal:
         click.echo(f"refused: {refusal}", err=True)
         sys.exit(3)
-    except (RequestError, BundleError, UnknownPluginError, ValueError, OSError) as error:
+    except RequestError as error:  # conditioning[i] is the i-th --condition
+        message = re.sub(r"^conditioning\[(\d+)\]", lambda m: f"--condition {conditions[int(m[1])]}", str(error))
+        raise SkyloomCLIError(message) from None
+    except (BundleError, UnknownPluginError, ValueError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)

@@ -257,6 +257,13 @@ class Pipeline:
                 inspect.signature(factory).bind(**request.sampler_options)
             except TypeError as error:
                 raise RequestError(f"sampler_options {request.sampler_options} do not fit sampler {request.sampler!r}: {error}") from None
+        else:
+            factory = type(self.sampler)
+        if request.video is not None and isinstance(factory, type) and factory.set_begin_step is Sampler.set_begin_step:
+            raise RequestError(
+                f"sampler {factory.__name__} cannot start part-way through its steps, so it cannot edit a video; "
+                "choose one of skyloom's built-in samplers (see `skyloom plugins`)"
+            )
         return request
 
     def _base_record(self, request: GenerationRequest) -> dict:

@@ -20,8 +20,9 @@ class Conditioning:
     """Known pixels for some frames of the output: an image (1 frame) or a clip.
 
     media: (T, H, W, 3) uint8 frames; resized to the request's size.
-    start_frame: index of the output frame where `media` begins; negative counts from the end
-        (-1 puts a single image at the last frame).
+    start_frame: index of the output frame where `media` begins; negative counts from the end.
+        It must be 0 or start a latent frame, 1 + k·temporal_compression: with the embedded
+        model's 17 frames, -4 puts an image on the last latent frame (frames 13-16).
     """
 
     media: torch.Tensor
@@ -96,10 +97,7 @@ class GenerationRequest:
             raise RequestError("sampler_options must be a dict of keyword arguments for the sampler")
         for index, cond in enumerate(self.conditioning):
             media = cond.media
-            where = f"conditioning[{index}].media"
-            if not isinstance(media, torch.Tensor) or media.dtype != torch.uint8 or media.dim() != 4 or media.shape[-1] != 3:
-                shape = tuple(media.shape) if isinstance(media, torch.Tensor) else type(media).__name__
-                raise RequestError(f"{where} must be a (T, H, W, 3) uint8 tensor, got {shape}")
+            _check_frames(f"conditioning[{index}].media", media)
             start = cond.start_frame if cond.start_frame >= 0 else self.frames + cond.start_frame
             if start < 0 or start + media.shape[0] > self.frames:
                 raise RequestError(
@@ -108,16 +106,16 @@ class GenerationRequest:
                 )
             if start != 0 and (start - 1) % temporal_multiple:
                 # Latent frame 0 is pixel frame 0; latent frame j >= 1 covers frames (j-1)·ct+1 .. j·ct.
+                before = 1 + (start - 1) // temporal_multiple * temporal_multiple
                 raise RequestError(
                     f"conditioning[{index}] starts at frame {start}, not on a latent frame boundary: "
-                    f"use frame 0 or 1 + k·{temporal_multiple}"
+                    f"use frame 0 or 1 + k·{temporal_multiple} (here {before}, that is {before - self.frames} "
+                    f"from the end, or {before + temporal_multiple})"
                 )
         _check_float("strength", self.strength, 0.0, 1.0)
         if self.video is not None:
             video = self.video
-            if not isinstance(video, torch.Tensor) or video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
-                shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-                raise RequestError(f"video must be a (T, H, W, 3) uint8 tensor, got {shape}")
+            _check_frames("video", video)
             if video.shape[0] != self.frames:
                 raise RequestError(
                     f"video has {video.shape[0]} frames but {self.frames} frames were requested: "
@@ -126,15 +124,26 @@ class GenerationRequest:
             if self.edit_steps < 1:
                 raise RequestError(
                     f"strength {self.strength} of {self.steps} steps runs no step: "
-                    f"use strength >= {1 / self.steps:.3g} or more steps"
+                    f"use strength >= {math.ceil(1000 / self.steps) / 1000} or more steps"
                 )
         if not isinstance(self.loop, bool):
             raise RequestError(f"loop must be True or False, got {self.loop!r}")
+        if self.loop and (self.conditioning or self.video is not None):
+            raise RequestError(
+                "loop cannot be combined with conditioning or a video to edit: its second pass generates "
+                "the frames between the video's ends anew and would not keep them; drop one or the other"
+            )
         if self.loop and self.frames < temporal_multiple + 2:
             raise RequestError(
                 f"a loop needs at least {temporal_multiple + 2} frames, got {self.frames}: it keeps the first frame "
                 "and the last latent frame of the video and generates the frames between them anew"
             )
+
+
+def _check_frames(name: str, media) -> None:
+    if not isinstance(media, torch.Tensor) or media.dtype != torch.uint8 or media.dim() != 4 or media.shape[-1] != 3:
+        shape = tuple(media.shape) if isinstance(media, torch.Tensor) else type(media).__name__
+        raise RequestError(f"{name} must be a (T, H, W, 3) uint8 tensor, got {shape}")
 
 
 def _check_int(name, value, low, high, hint=""):

@@ -190,9 +190,9 @@ class FlowSampler(Sampler):
         grid, _ = self._require_run()
         if self._index != 0:
             raise RuntimeError(f"{type(self).__name__}.set_begin_step must come right after set_timesteps, before any step()")
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(grid) - 1:
+        if isinstance(step, bool) or not isinstance(step, Integral) or not 0 <= step < len(grid) - 1:
             raise ValueError(f"{type(self).__name__}.set_begin_step: step must be an integer in 0..{len(grid) - 2}, got {step!r}")
-        self._index = self._evaluation_index(step)
+        self._index = self._evaluation_index(int(step))
         return self._index
 
     def step(

@@ -684,7 +684,7 @@ class Run:
 
     # -- the autoencoder's result ------------------------------------------------------------
 
-    def save_autoencoder(self, vae: nn.Module, shift: float, scale: float, latents: list[torch.Tensor]) -> None:
+    def save_autoencoder(self, vae: nn.Module, shift: float, scale: float, latents: list[torch.Tensor], clips_key: str) -> None:
         """The finished autoencoder, its latent statistics, the RNG states and the clips' raw latents."""
         from safetensors.torch import save_file
 
@@ -697,7 +697,7 @@ class Run:
             save_file({"rng.train": self.generator.get_state(), "rng.torch": torch.get_rng_state()}, str(staging / "rng.safetensors"))
             stats = {"shift_factor": shift, "scaling_factor": scale, "config_sha256": _autoencoder_config_hash(self.config, self.init_hash)}
             (staging / "latent_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
-            save_file(_numbered(latents), str(staging / LATENTS))
+            save_file(_numbered(latents), str(staging / LATENTS), metadata={"clips": clips_key})
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -735,35 +735,57 @@ class Run:
             raise TrainingError(f"{target}/rng.safetensors does not hold RNG states ({error}); delete {target} to retrain the autoencoder") from None
         return float(stats["shift_factor"]), float(stats["scaling_factor"])
 
+    def save_latents(self, latents: list[torch.Tensor], clips_key: str) -> None:
+        """Keep the clips' raw latents beside an autoencoder saved without them (an older run's)."""
+        _save_atomic(self.dir / AUTOENCODER_DIR / LATENTS, _numbered(latents), {"clips": clips_key})
 
-    def save_latents(self, latents: list[torch.Tensor]) -> None:
-        from safetensors.torch import save
-
-        write_atomic(self.dir / AUTOENCODER_DIR / LATENTS, save(_numbered(latents)))
-
-    def load_latents(self, shapes: list[tuple]) -> list[torch.Tensor] | None:
-        """The clips' raw latents saved with the autoencoder, or None (saying why) when there are
-        none or they do not fit the clips' latent `shapes`; they can always be encoded again."""
+    def load_latents(self, clips_key: str, shapes: list[tuple]) -> list[torch.Tensor] | None:
+        """The raw latents saved with the autoencoder, or None (saying why) when there are none
+        or they are not of these clips (`clips_key`, `shapes`); they can always be encoded again."""
         path = self.dir / AUTOENCODER_DIR / LATENTS
         if not path.is_file():
             return None
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            tensors = load_file(str(path))
-            latents = [tensors[str(index)] for index in range(len(shapes))]
-        except (OSError, KeyError, SafetensorError) as error:
+            with safe_open(str(path), framework="pt") as file:
+                same_clips = (file.metadata() or {}).get("clips") == clips_key and len(file.keys()) == len(shapes)
+                latents = [file.get_tensor(str(index)) for index in range(len(shapes))] if same_clips else []
+        except (OSError, SafetensorError) as error:
             _say(f"{path} is unreadable ({error}); encoding the latents again")
             return None
-        if len(tensors) != len(shapes) or any(tuple(latent.shape) != shape for latent, shape in zip(latents, shapes)):
+        if not same_clips or any(tuple(latent.shape) != shape for latent, shape in zip(latents, shapes)):
             _say(f"{path} holds latents of other clips; encoding the latents again")
             return None
         return latents
 
 
+def clips_key(clips: list[Clip]) -> str:
+    """A hash of every clip's frames, in order: what cached latents were computed from."""
+    digest = hashlib.sha256()
+    for clip in clips:
+        digest.update(str(tuple(clip.frames.shape)).encode())
+        digest.update(clip.frames.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _numbered(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A list of tensors as a safetensors dict, keyed by position."""
     return {str(index): tensor.contiguous() for index, tensor in enumerate(tensors)}
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors written to a temporary file beside `path`, then renamed over it."""
+    from safetensors.torch import save_file
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _load_exact(module: nn.Module, tensors: dict, path: Path) -> None:
@@ -929,7 +951,7 @@ class CaptionTable:
 
         captions = sorted({caption for clip in clips for caption in clip.captions} | {""})
         self.index = {caption: i for i, caption in enumerate(captions)}
-        key = hashlib.sha256(json.dumps([encoder_config, captions]).encode("utf-8")).hexdigest()
+        key = hashlib.sha256(json.dumps([encoder_config, captions], sort_keys=True).encode("utf-8")).hexdigest()
         tokens, mask = self._read(cache, key, len(captions)) if cache is not None else (None, None)
         if tokens is None:
             chunks = []
@@ -942,9 +964,7 @@ class CaptionTable:
             mask = torch.cat([m for _, m in chunks])
             tokens = torch.cat([t[m] for t, m in chunks])  # the real tokens only, row after row
             if cache is not None:
-                from safetensors.torch import save
-
-                write_atomic(cache, save({"tokens": tokens, "mask": mask}, metadata={"key": key}))
+                _save_atomic(cache, {"tokens": tokens, "mask": mask}, {"key": key})
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real tokens (n, D), mask (L,)) per caption
         for row_mask, row_tokens in zip(mask, tokens.split(mask.sum(1).tolist())):
             self.rows.append((row_tokens, row_mask))
@@ -1159,7 +1179,7 @@ def train(
         _say("autoencoder: the init bundle's, unchanged; encoding the latents")
         raw = encode_latents(vae.eval(), clips, device, progress)
         stats = (init.video_autoencoder.config.shift_factor, init.video_autoencoder.config.scaling_factor)
-        run.save_autoencoder(vae, *stats, raw)
+        run.save_autoencoder(vae, *stats, raw, clips_key(clips))
     elif stats is None:
         _say(f"autoencoder: training to step {ae_settings['steps']}")
         stage = Stage(
@@ -1170,16 +1190,17 @@ def train(
         raw = encode_latents(vae, clips, device, progress)
         values = torch.cat([mean.flatten() for mean in raw])
         stats = (values.mean().item(), 1.0 / values.std().clamp(min=1e-6).item())
-        run.save_autoencoder(vae, *stats, raw)
+        run.save_autoencoder(vae, *stats, raw, clips_key(clips))
         _say(f"autoencoder done; latent shift {stats[0]:.4f}, scale {stats[1]:.4f}")
     else:
-        raw = run.load_latents([tuple(vae.latent_shape(*clip.frames.shape[:3])) for clip in clips])
+        key = clips_key(clips)
+        raw = run.load_latents(key, [tuple(vae.latent_shape(*clip.frames.shape[:3])) for clip in clips])
         if raw is not None:
             _say(f"autoencoder: trained already ({run.dir / AUTOENCODER_DIR}); its latents of the clips read")
         else:
             _say(f"autoencoder: trained already ({run.dir / AUTOENCODER_DIR}); encoding the latents")
             raw = encode_latents(vae.eval(), clips, device, progress)
-            run.save_latents(raw)
+            run.save_latents(raw, key)
     vae.config.shift_factor, vae.config.scaling_factor = stats
     latents = [(mean - stats[0]) * stats[1] for mean in raw]  # normalised
     vae.eval().requires_grad_(False)

@@ -91,17 +91,25 @@ def test_conditioning_video_edit_and_loop_options_reach_the_request(tmp_path):
     image, tail, clip, out = tmp_path / "first.png", tmp_path / "tail.mp4", tmp_path / "clip.mp4", tmp_path / "out.mp4"
     write_image(image, torch.full((48, 48, 3), 200, dtype=torch.uint8))
     write_video(tail, torch.full((4, 32, 32, 3), 60, dtype=torch.uint8), 8)
-    write_video(clip, torch.full((9, 32, 32, 3), 60, dtype=torch.uint8), 8)
+    write_video(clip, torch.full((9, 32, 32, 3), 60, dtype=torch.uint8), 12)
     common = ("-o", str(out), "--size", "32x32", "--steps", "2", "--seed", "1", "--json", "-q")
     result = invoke("generate", "a red circle", *common, "--frames", "9", "--condition", str(image), "--condition", f"{tail}@-4")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["conditioning"] == [{"start_frame": 0, "frames": 1}, {"start_frame": -4, "frames": 4}]
-    result = invoke("generate", "a red circle", *common, "--video", str(clip), "--strength", "0.5")  # 9 frames, as the video
+    result = invoke("generate", "a red circle", *common, "--video", str(clip), "--strength", "0.5")  # the video's 9 frames at 12 fps
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["video_edit"]["steps_run"] == 1 and read_video(out)[0].shape[0] == 9
+    record = json.loads(result.stdout)
+    assert record["video_edit"]["steps_run"] == 1 and record["fps"] == 12 and read_video(out)[0].shape[0] == 9
     result = invoke("generate", "a red circle", *common, "--frames", "9", "--loop")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["loop"]["kept_frames"] == [0, 5, 6, 7, 8]
+
+    # Errors about known frames name the --condition that was given; a video cannot become a .png.
+    result = invoke("generate", "a red circle", *common, "--frames", "17", "--condition", f"{image}@-1")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: --condition {image}@-1 starts at frame 16, not on a latent frame boundary")
+    result = invoke("generate", "a red circle", "-o", str(tmp_path / "edit.png"), "--video", str(clip))
+    assert result.exit_code == 1 and "a .png holds one frame but --frames is 9" in result.output
 
 
 @pytest.mark.parametrize(

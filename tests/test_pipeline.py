@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, WatermarkDetection, Watermarker
 from skyloom.pipeline import STAGES, Pipeline, SafetyRefusal
-from skyloom.request import Conditioning, GenerationRequest
+from skyloom.request import Conditioning, GenerationRequest, RequestError
 
 
 class RefuseWord(SafetyFilter):
@@ -231,7 +231,7 @@ def test_a_sampler_that_cannot_start_part_way_cannot_edit(pipe):
 
     only = Pipeline(pipe.bundle, sampler=FromNoiseOnly(), safety_filters=[], watermarkers=[], audit_log=None, device="cpu")
     assert only(small()).frames.shape == (5, 32, 32, 3)
-    with pytest.raises(NotImplementedError, match="sampler FromNoiseOnly cannot start part-way"):
+    with pytest.raises(RequestError, match="sampler FromNoiseOnly cannot start part-way"):  # before any work
         only(small(video=torch.zeros(5, 32, 32, 3, dtype=torch.uint8)))
 
 

@@ -84,7 +84,7 @@ def test_conditioning_must_start_on_a_latent_frame_boundary():
     image = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
     for start in (0, 1, 5, 9):
         GenerationRequest("x", frames=17, conditioning=(Conditioning(image, start),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
-    with pytest.raises(RequestError, match=r"starts at frame 3, not on a latent frame boundary: use frame 0 or 1 \+ k·4"):
+    with pytest.raises(RequestError, match=r"starts at frame 3, not on a latent frame boundary: use frame 0 or 1 \+ k·4 \(here 1, that is -16 from the end, or 5\)"):
         GenerationRequest("x", frames=17, conditioning=(Conditioning(image, 3),)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
 
 
@@ -98,7 +98,7 @@ def test_a_video_to_edit_sets_the_default_frame_count_and_is_checked():
         ({"video": video, "frames": 17}, "video has 9 frames but 17 frames were requested"),
         ({"video": video, "strength": 0.0}, "strength must be > 0.0 and <= 1.0, got 0.0"),
         ({"video": video, "strength": 1.5}, "strength must be > 0.0 and <= 1.0, got 1.5"),
-        ({"video": video, "strength": 0.02}, "strength 0.02 of 30 steps runs no step: use strength >= 0.0333 or more steps"),
+        ({"video": video, "strength": 0.02}, "strength 0.02 of 30 steps runs no step: use strength >= 0.034 or more steps"),
     ]
     for fields, message in bad:
         with pytest.raises(RequestError, match=message):
@@ -114,5 +114,9 @@ def test_a_loop_needs_a_latent_frame_to_generate_between_its_ends():
     GenerationRequest("x", frames=6, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
     with pytest.raises(RequestError, match="a loop needs at least 6 frames, got 5"):
         GenerationRequest("x", frames=5, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    image = (Conditioning(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)),)
+    for fields in ({"conditioning": image}, {"video": torch.zeros(9, 8, 8, 3, dtype=torch.uint8)}):
+        with pytest.raises(RequestError, match="loop cannot be combined with conditioning or a video to edit"):
+            GenerationRequest("x", frames=9, loop=True, **fields).with_defaults(DEFAULTS).validate(temporal_multiple=4)
     with pytest.raises(RequestError, match="loop must be True or False"):
         GenerationRequest("x", loop="yes").with_defaults(DEFAULTS).validate(temporal_multiple=4)

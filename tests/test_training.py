@@ -191,6 +191,20 @@ def test_damaged_latents_and_caption_encodings_are_computed_again(straight_run, 
     assert "is unreadable" in err and "encoding the latents again" in err
     assert "holds the encodings of other captions; encoding the captions again" in err
     assert (killed / training.CAPTION_ENCODINGS).read_bytes() == (run_dir / training.CAPTION_ENCODINGS).read_bytes()
+    again, first = (load_file(str(d / "autoencoder" / training.LATENTS)) for d in (killed, run_dir))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_latents_of_other_clips_are_not_used(straight_run, dataset, tmp_path, capsys):
+    """The same count and shapes of clips but other pixels (a dataset rewritten in place)."""
+    _, run_dir = straight_run
+    killed = _killed_before_the_transformer_stage(run_dir, tmp_path)
+    from safetensors.torch import save_file
+
+    latents = killed / "autoencoder" / training.LATENTS
+    save_file(load_file(str(latents)), str(latents), metadata={"clips": "other pixels"})
+    _train(_config_file(tmp_path, dataset), killed, resume=True)
+    assert "holds latents of other clips; encoding the latents again" in capsys.readouterr().err
 
 
 def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, dataset, tmp_path):
