@@ -102,7 +102,7 @@ def _read_media(option: str, path: Path):
                    "rate are the defaults of --frames and --fps; it is resized to --size.")
 @click.option("--strength", type=float, help="With --video: the share of the sampling steps run from the noised video; 1 redraws it all.  [default: 0.8]")
 @click.option("--loop", is_flag=True, help="Make the video loop: the frames between its end and its start are generated anew "
-                                         "(a second sampling pass). Not with --condition or --video.")
+                                         "(a second sampling pass); --condition frames stay known. Not with --video.")
 @click.option("--upscale", type=int, default=1, show_default=True, help="Resize the frames by this factor (Lanczos) before writing, e.g. 4 for 64x64 -> 256x256.")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")

@@ -521,23 +521,29 @@ class Pipeline:
         Rolled by m, the video's seam (last frame -> first) moves to its middle, and its ends,
         frames m and m-1 of the original, follow each other. The rolled video's first frame and
         its last latent frame (the last `temporal_compression` frames at most) are kept as known
-        frames, and the frames between are generated anew, connecting one to the other.
+        frames, and the frames between are generated anew, connecting one to the other. The
+        caller's known frames move with the roll (GenerationRequest.loop_roll) and stay known.
         Returns the looped frames and a record of what was kept.
         """
         n, ct = request.frames, self.bundle.video_autoencoder.temporal_compression
         tail = 1 + (n - 2) // ct * ct  # where the last latent frame begins; validate() ensures tail > ct
-        m = max(n // 2, n - tail)  # the tail, frames m-(n-tail) .. m-1 of the original, must not wrap
+        m, moved = request.loop_roll(ct)  # validate() ensured there is one
         rolled = torch.roll(frames, -m, dims=0)
         bridge = GenerationRequest(
             request.prompt, request.negative_prompt, frames=n, width=request.width, height=request.height,
             steps=request.steps, guidance=request.guidance, seed=request.seed,
-            conditioning=(Conditioning(rolled[:1], 0), Conditioning(rolled[tail:], tail)),
+            conditioning=(Conditioning(rolled[:1], 0), Conditioning(rolled[tail:], tail), *moved),
         )
         latent_shape = self.bundle.video_autoencoder.latent_shape(n, request.height, request.width)
         known = self._encode_conditioning(bridge, latent_shape)
         sample, _ = self._sample(sampler, bridge, shift, text, known, generator, progress)
         looped = self._decode(sample, bridge)
-        return looped, {"rolled_by": m, "kept_frames": [0, *range(tail, n)], "generated_frames": list(range(1, tail))}
+        latent_known = known[1][0].bool().tolist()  # latent frame 0 is frame 0, j >= 1 frames (j-1)·ct+1 .. j·ct
+        generated = [f for f in range(1, tail) if not latent_known[1 + (f - 1) // ct]]
+        record = {"rolled_by": m, "kept_frames": [0, *range(tail, n)], "generated_frames": generated}
+        if moved:
+            record["conditioning_moved_to"] = [c.start_frame for c in moved]
+        return looped, record
 
     @contextlib.contextmanager
     def _on_device(self, component):

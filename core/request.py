@@ -70,6 +70,27 @@ class GenerationRequest:
         """With a `video`: how many of the `steps` run, the last `strength` share (as diffusers counts)."""
         return math.floor(self.steps * self.strength + 1e-6)
 
+    def loop_roll(self, temporal_multiple: int) -> tuple[int, tuple[Conditioning, ...]] | None:
+        """How a loop rolls its first pass's video, and where the known frames land in the rolled one.
+
+        The roll m is the one nearest the middle for which the rolled video's last latent frame
+        (frames m - k .. m - 1 of the first pass, k <= temporal_multiple) does not wrap around,
+        and every known frame, moved to (start - m) mod frames, starts a latent frame and does not
+        wrap either. Returns (m, the moved conditioning), or None when no roll fits.
+        """
+        n = self.frames
+        kept = n - (1 + (n - 2) // temporal_multiple * temporal_multiple)  # frames in the last latent frame
+        for m in sorted(range(kept, n), key=lambda m: (abs(m - n // 2), m)):
+            moved = []
+            for cond in self.conditioning:
+                start = (cond.start_frame - m) % n  # a negative start_frame counts from the end, as % does
+                if start + cond.media.shape[0] > n or (start != 0 and (start - 1) % temporal_multiple):
+                    break
+                moved.append(Conditioning(cond.media, start))
+            else:
+                return m, tuple(moved)
+        return None
+
     def validate(self, *, spatial_multiple: int = 1, temporal_multiple: int = 1) -> None:
         """Raise RequestError naming the first invalid field; call after with_defaults."""
         if not isinstance(self.prompt, str):
@@ -128,15 +149,21 @@ class GenerationRequest:
                 )
         if not isinstance(self.loop, bool):
             raise RequestError(f"loop must be True or False, got {self.loop!r}")
-        if self.loop and (self.conditioning or self.video is not None):
+        if self.loop and self.video is not None:
             raise RequestError(
-                "loop cannot be combined with conditioning or a video to edit: its second pass generates "
-                "the frames between the video's ends anew and would not keep them; drop one or the other"
+                "loop cannot be combined with a video to edit: its second pass generates the frames between "
+                "the video's ends anew and would not keep the edit; drop one or the other"
             )
         if self.loop and self.frames < temporal_multiple + 2:
             raise RequestError(
                 f"a loop needs at least {temporal_multiple + 2} frames, got {self.frames}: it keeps the first frame "
                 "and the last latent frame of the video and generates the frames between them anew"
+            )
+        if self.loop and self.loop_roll(temporal_multiple) is None:
+            raise RequestError(
+                "a loop rolls its video so that its ends meet in the middle, and no roll puts every known frame "
+                f"(conditioning) on a latent frame boundary, 1 + k·{temporal_multiple}, without wrapping past the end; "
+                "use shorter clips or images as known frames, or another frame count"
             )
 
 

@@ -114,9 +114,23 @@ def test_a_loop_needs_a_latent_frame_to_generate_between_its_ends():
     GenerationRequest("x", frames=6, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
     with pytest.raises(RequestError, match="a loop needs at least 6 frames, got 5"):
         GenerationRequest("x", frames=5, loop=True).with_defaults(DEFAULTS).validate(temporal_multiple=4)
-    image = (Conditioning(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)),)
-    for fields in ({"conditioning": image}, {"video": torch.zeros(9, 8, 8, 3, dtype=torch.uint8)}):
-        with pytest.raises(RequestError, match="loop cannot be combined with conditioning or a video to edit"):
-            GenerationRequest("x", frames=9, loop=True, **fields).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    with pytest.raises(RequestError, match="loop cannot be combined with a video to edit"):
+        GenerationRequest("x", frames=9, loop=True, video=torch.zeros(9, 8, 8, 3, dtype=torch.uint8)).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+    clip = (Conditioning(torch.zeros(17, 8, 8, 3, dtype=torch.uint8)),)  # fills the video: any roll wraps it
+    with pytest.raises(RequestError, match="no roll puts every known frame"):
+        GenerationRequest("x", frames=17, loop=True, conditioning=clip).with_defaults(DEFAULTS).validate(temporal_multiple=4)
+
+
+@pytest.mark.parametrize("frames", [6, 9, 13, 17, 33])
+def test_a_loop_rolls_its_ends_to_the_middle_and_known_frames_onto_latent_frames(frames):
+    image = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    kept = frames - (1 + (frames - 2) // 4 * 4)  # frames in the last latent frame
+    m, moved = GenerationRequest("x", frames=frames, loop=True).loop_roll(4)
+    assert moved == () and m == max(frames // 2, kept)
+    for start in (0, -4):
+        request = GenerationRequest("x", frames=frames, loop=True, conditioning=(Conditioning(image, start),))
+        m, (cond,) = request.loop_roll(4)
+        assert kept <= m < frames and cond.start_frame == (start - m) % frames
+        assert cond.start_frame == 0 or (cond.start_frame - 1) % 4 == 0
     with pytest.raises(RequestError, match="loop must be True or False"):
         GenerationRequest("x", loop="yes").with_defaults(DEFAULTS).validate(temporal_multiple=4)
