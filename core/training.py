@@ -953,7 +953,10 @@ class CaptionTable:
         self.index = {caption: i for i, caption in enumerate(captions)}
         key = hashlib.sha256(json.dumps([encoder_config, captions], sort_keys=True).encode("utf-8")).hexdigest()
         tokens, mask = self._read(cache, key, len(captions)) if cache is not None else (None, None)
-        if tokens is None:
+        if tokens is not None:
+            _say(f"caption encodings read from {cache}")
+        else:
+            _say("encoding the captions")
             chunks = []
             with tqdm(total=len(captions), desc="encoding captions", unit="caption", disable=not progress, file=sys.stderr) as bar:
                 for start in range(0, len(captions), CAPTION_CHUNK):
@@ -1227,7 +1230,6 @@ def train(
     if config["transformer_training"]["compile"]:
         dit.compile_blocks()  # the weights, the EMA copy and the bundle stay plain
     text_encoder = text_encoder.to(device) or text_encoder
-    _say("encoding the captions")
     captions_of = CaptionTable(text_encoder, clips, progress, cache=run.dir / CAPTION_ENCODINGS, encoder_config=te_part)
     d = config["defaults"]
     base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))

@@ -159,7 +159,7 @@ def test_run_killed_before_the_first_transformer_checkpoint_resumes_exactly(stra
     assert _losses(killed) == _losses(run_dir)
 
 
-def test_a_resume_reads_the_latents_and_caption_encodings_instead_of_computing_them(straight_run, dataset, tmp_path, monkeypatch):
+def test_a_resume_reads_the_latents_and_caption_encodings_instead_of_computing_them(straight_run, dataset, tmp_path, monkeypatch, capsys):
     bundle_dir, run_dir = straight_run
     killed = _killed_before_the_transformer_stage(run_dir, tmp_path)
     assert (killed / "autoencoder" / training.LATENTS).is_file() and (killed / training.CAPTION_ENCODINGS).is_file()
@@ -174,6 +174,8 @@ def test_a_resume_reads_the_latents_and_caption_encodings_instead_of_computing_t
     resumed = _train(path, killed, resume=True)
     expected, got = _weights(bundle_dir), _weights(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    err = capsys.readouterr().err
+    assert "its latents of the clips read" in err and "caption encodings read from" in err and "encoding the" not in err
 
 
 def test_damaged_latents_and_caption_encodings_are_computed_again(straight_run, dataset, tmp_path, capsys):
