@@ -30,7 +30,7 @@ from skyloom.bundle import DEFAULT_MODEL_DIR, ModelBundle, load_bundle
 from skyloom.provenance import ProvenanceSettings, write_signed_media
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
 from skyloom.registry import Registry, get_registry
-from skyloom.request import Conditioning, GenerationRequest, RequestError
+from skyloom.request import Conditioning, GenerationRequest, RequestError, last_latent_frame_start
 from skyloom.sampling import classifier_free_guidance, resolution_shift
 from skyloom.video_io import resize_frames
 
@@ -526,7 +526,7 @@ class Pipeline:
         Returns the looped frames and a record of what was kept.
         """
         n, ct = request.frames, self.bundle.video_autoencoder.temporal_compression
-        tail = 1 + (n - 2) // ct * ct  # where the last latent frame begins; validate() ensures tail > ct
+        tail = last_latent_frame_start(n, ct)  # validate() ensures tail > ct
         m, moved = request.loop_roll(ct)  # validate() ensured there is one
         rolled = torch.roll(frames, -m, dims=0)
         bridge = GenerationRequest(

@@ -79,7 +79,7 @@ class GenerationRequest:
         wrap either. Returns (m, the moved conditioning), or None when no roll fits.
         """
         n = self.frames
-        kept = n - (1 + (n - 2) // temporal_multiple * temporal_multiple)  # frames in the last latent frame
+        kept = n - last_latent_frame_start(n, temporal_multiple)  # frames in the last latent frame
         for m in sorted(range(kept, n), key=lambda m: (abs(m - n // 2), m)):
             moved = []
             for cond in self.conditioning:
@@ -165,6 +165,12 @@ class GenerationRequest:
                 f"(conditioning) on a latent frame boundary, 1 + k·{temporal_multiple}, without wrapping past the end; "
                 "use shorter clips or images as known frames, or another frame count"
             )
+
+
+def last_latent_frame_start(frames: int, temporal_multiple: int) -> int:
+    """The first output frame of the last latent frame: latent frame 0 is frame 0, latent frame
+    j >= 1 covers frames (j-1)·temporal_multiple + 1 .. j·temporal_multiple."""
+    return 1 + (frames - 2) // temporal_multiple * temporal_multiple
 
 
 def _check_frames(name: str, media) -> None:
