@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from skyloom.datasets.shapes import shapes_command
+from skyloom.process_map import available_cpus
 
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".png",)
@@ -325,7 +326,9 @@ def verify(file, as_json):
 @click.option("--out", "output", type=click.Path(path_type=Path), help="Model bundle to write (default: the config's \"output\").")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Minutes to train in this run; then checkpoint and stop (continue with --resume).")
-def train(config, run_dir, output, resume, time_limit):
+@click.option("--workers", type=click.IntRange(min=1), default=available_cpus, show_default="the cores this process may use",
+              help="Processes that make, read and caption the clips; the weights are the same for any number.")
+def train(config, run_dir, output, resume, time_limit, workers):
     """Train the video autoencoder, then the transformer, as CONFIG (JSON) says, and write a model bundle.
 
     With "init" in CONFIG both start from a trained bundle's weights (fine-tuning; with
@@ -347,7 +350,7 @@ def train(config, run_dir, output, resume, time_limit):
         settings = load_config(config)
         bundle = run_training(
             settings, run_dir, registry=_registry(), output=output, base_dir=config.resolve().parent, resume=resume,
-            time_limit_s=None if time_limit is None else time_limit * 60, progress=sys.stderr.isatty(),
+            time_limit_s=None if time_limit is None else time_limit * 60, progress=sys.stderr.isatty(), workers=workers,
         )
     except StopRequested as stop:
         click.echo(f"{stop}; the checkpoint is in {run_dir}; continue with: {resume_command}", err=True)

@@ -34,25 +34,30 @@ exits.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from skyloom.atomic_write import write_atomic
 from skyloom.bundle import FORMAT, FORMAT_VERSION, BundleError, ModelBundle, load_bundle, safetensors_state, save_bundle
+from skyloom.kinds import Captioner
+from skyloom.process_map import check_workers, process_map
 from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
 from skyloom.sampling import resolution_shift, shift_time
 from skyloom.transformer import DiTConfig, SpacetimeDiT
@@ -270,12 +275,15 @@ class Clip:
         return (W, H, T)
 
 
-def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool, base_dir: Path) -> list[Clip]:
+def prepare_data(
+    config: dict, run_dir: Path, registry: Registry, progress: bool, base_dir: Path, workers: int = 1
+) -> list[Clip]:
     """Write the dataset if the config generates one, read every clip (with data.time_reversal,
     then each clip played backwards: reversed_clips), and re-caption them (cached in
-    RUN_DIR/captions.jsonl, so a resumed run reads the same captions)."""
+    RUN_DIR/captions.jsonl, so a resumed run reads the same captions). workers: processes that
+    make, read and caption the clips (skyloom.process_map); the result is the same for any number."""
     from skyloom.datasets.shapes import MIN_TRAVEL, OBJECT_SIZE, read_manifest, write_dataset
-    from skyloom.video_io import VideoIOError, read_video
+    from skyloom.video_io import VideoIOError
 
     data = config["data"]
     if data["shapes"] is not None:
@@ -284,6 +292,7 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
         write_dataset(
             root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress,
             min_travel=shapes.get("min_travel", MIN_TRAVEL), object_size=shapes.get("object_size", OBJECT_SIZE),
+            workers=workers,
         )
     else:
         root = base_dir / data["path"]
@@ -296,12 +305,16 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
     from tqdm import tqdm
 
     videos = []
-    for record in tqdm(records, desc="reading clips", unit="clip", disable=not progress, file=sys.stderr):
-        try:
-            frames, _ = read_video(root / record["path"])
-        except VideoIOError as error:
-            raise TrainingError(f"dataset {root}: {error}") from None
-        videos.append((frames, float(record.get("fps", 8))))
+    paths = [root / record["path"] for record in records]
+    try:
+        with closing(process_map(_read_frames, paths, workers)) as read:
+            for frames, record in zip(
+                tqdm(read, desc="reading clips", unit="clip", total=len(paths), disable=not progress, file=sys.stderr),
+                records,
+            ):
+                videos.append((torch.from_numpy(frames), float(record.get("fps", 8))))
+    except VideoIOError as error:
+        raise TrainingError(f"dataset {root}: {error}") from None
     if data["time_reversal"]:
         videos += reversed_clips(records, videos)
 
@@ -310,12 +323,31 @@ def prepare_data(config: dict, run_dir: Path, registry: Registry, progress: bool
     cached = _read_captions(captions_path, len(videos), per_clip)
     if cached is None:
         captioner = _create(registry, "captioner", data["captioner"], {})
-        cached = [
-            captioner.captions(frames, fps, per_clip)
-            for frames, fps in tqdm(videos, desc="re-captioning", unit="clip", disable=not progress, file=sys.stderr)
-        ]
+        try:
+            pickle.dumps(captioner)
+        except Exception as error:  # it cannot travel to worker processes
+            if workers > 1:
+                _say(f"captioner {data['captioner']!r} cannot be sent to worker processes ({error}); captioning in this one")
+            workers = 1
+        caption = functools.partial(_captions_of, captioner, per_clip)
+        jobs = ((frames.numpy(), fps) for frames, fps in videos)
+        with closing(process_map(caption, jobs, workers)) as captions:
+            cached = list(tqdm(captions, desc="re-captioning", unit="clip", total=len(videos), disable=not progress,
+                               file=sys.stderr))
         write_atomic(captions_path, "".join(json.dumps(c) + "\n" for c in cached))
     return [Clip(frames, captions) for (frames, _), captions in zip(videos, cached)]
+
+
+def _read_frames(path: Path) -> np.ndarray:
+    """A clip's frames, (T, H, W, 3) uint8, as numpy: what a worker process sends back."""
+    from skyloom.video_io import read_video
+
+    return read_video(path)[0].numpy()
+
+
+def _captions_of(captioner: Captioner, count: int, video: tuple[np.ndarray, float]) -> list[str]:
+    frames, fps = video
+    return captioner.captions(torch.from_numpy(frames), fps, count)
 
 
 def reversed_clips(records: list[dict], videos: list[tuple[torch.Tensor, float]]) -> list[tuple[torch.Tensor, float]]:
@@ -1124,12 +1156,17 @@ def train(
     resume: bool = False,
     time_limit_s: float | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Run (or resume) the whole recipe of `config` (from load_config) in `run_dir` and write the
     model bundle to `output` (default: config["output"], relative to base_dir, the config file's
-    directory, as data.path is). Returns the bundle's path. Raises
-    StopRequested after a checkpoint when interrupted or out of time, TrainingError for bad
-    input."""
+    directory, as data.path is). workers: processes for the data stage (prepare_data); the
+    weights do not depend on it. Returns the bundle's path. Raises StopRequested after a
+    checkpoint when interrupted or out of time, TrainingError for bad input."""
+    try:
+        check_workers(workers)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     base_dir = Path(base_dir)
     if output is None:
         if config["output"] is None:
@@ -1158,7 +1195,7 @@ def train(
         parts = "" if config["init_transformer"] else "the autoencoder "
         _say(f"starting {parts}from the weights of {init.path} ({init.name})")
     _say(f"run {run_dir} on {device}: preparing the data")
-    clips = prepare_data(config, run_dir, registry, progress, base_dir)
+    clips = prepare_data(config, run_dir, registry, progress, base_dir, workers)
     buckets = [clip.bucket for clip in clips]
     _say(f"{len(clips)} clips in {len(set(buckets))} buckets, {len(clips[0].captions)} captions each")
 

@@ -254,10 +254,19 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
         assert frames.shape == truth.shape and (frames.float() - truth.float()).abs().mean() < 4
 
 
+def test_workers_write_the_same_files(tmp_path):
+    one = write_dataset(tmp_path / "one", seed=5, count=40, split="all")
+    two = write_dataset(tmp_path / "two", seed=5, count=40, split="all", workers=2)  # 3 chunks of clips
+    assert two.read_text() == one.read_text()
+    for record in read_manifest(one):
+        assert (tmp_path / "two" / record["path"]).read_bytes() == (tmp_path / "one" / record["path"]).read_bytes()
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
         (lambda d: write_dataset(d, 0, 0), "count must be an integer >= 1, got 0"),
+        (lambda d: write_dataset(d, 0, 2, workers=0), "workers must be a whole number of processes, at least 1, got 0"),
         (lambda d: write_dataset(d, 0, 2, split="dev"), "unknown split 'dev'; valid splits: train, heldout, all"),
         (lambda d: write_dataset(d, -1, 2), "seed must be an integer >= 0, got -1"),
         (lambda d: write_dataset(d, 0, 2, crf=99), r"crf must be an integer in \[0, 51\], got 99"),

@@ -586,6 +586,34 @@ def test_time_reversal_adds_each_clip_backwards_but_never_a_held_out_object(data
         load_config(_config_file(tmp_path, dataset, data={**data, "time_reversal": "yes"}))
 
 
+def test_workers_read_and_caption_the_clips_as_one_process_does(dataset, tmp_path):
+    config = load_config(_config_file(tmp_path, dataset))
+    runs = []
+    for workers in (1, 2):  # 18 clips: two chunks of reading and of captioning
+        (tmp_path / f"run{workers}").mkdir()
+        runs.append(training.prepare_data(config, tmp_path / f"run{workers}", get_registry(), False, tmp_path, workers))
+    assert [c.captions for c in runs[0]] == [c.captions for c in runs[1]]
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(*runs))
+    assert (tmp_path / "run1" / "captions.jsonl").read_bytes() == (tmp_path / "run2" / "captions.jsonl").read_bytes()
+
+
+def test_a_captioner_that_cannot_go_to_workers_captions_in_this_process(dataset, tmp_path, capsys):
+    from skyloom.registry import PluginInfo, Registry
+
+    class LocalCaptioner(training.Captioner):  # defined here, so pickle cannot find it by name
+        def caption(self, frames, fps):
+            return f"{frames.shape[0]} frames"
+
+    registry = Registry.load()
+    registry.add(PluginInfo("captioner", "local", LocalCaptioner))
+    config = load_config(_config_file(tmp_path, dataset, data={**TINY["data"], "path": str(dataset), "captioner": "local"}))
+    clips = training.prepare_data(config, tmp_path, registry, False, tmp_path, workers=2)
+    assert [c.captions for c in clips] == [[f"{c.frames.shape[0]} frames"] * 2 for c in clips]
+    assert "captioner 'local' cannot be sent to worker processes" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="workers must be a whole number of processes, at least 1, got 0"):
+        _train(_config_file(tmp_path, dataset), tmp_path / "bad", workers=0)
+
+
 def test_encode_latents_batches_by_bucket_and_keeps_the_clips_order(monkeypatch):
     monkeypatch.setattr(training, "ENCODE_BATCH", 2)  # buckets split over several batches, the last one short
     clips = [Clip(frames, ["a"]) for _, frames in iter_dataset(seed=3, count=30)]

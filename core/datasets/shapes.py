@@ -30,6 +30,8 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -43,6 +45,7 @@ import click
 import numpy as np
 import torch
 
+from skyloom.process_map import available_cpus, check_workers, process_map
 from skyloom.shapes_world import BACKGROUNDS, COLOURS, DURATIONS, FPS, MOTIONS, SHAPES, SIZES, is_held_out
 from skyloom.video_io import write_video
 
@@ -423,6 +426,7 @@ def write_dataset(
     progress: bool = False,
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
+    workers: int = 1,
 ) -> Path:
     """Write clips 0 .. count-1 to out_dir/clips/NNNNNN.mp4 and their ground truth to out_dir/manifest.jsonl.
 
@@ -430,11 +434,16 @@ def write_dataset(
     interrupted run leaves only whole clips, each listed. resume=True continues such a run (same
     seed, split, min_travel and object_size): clips already in the manifest are kept, the rest are written, and the result
     equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
-    progress: show a tqdm bar on stderr. Returns the manifest's path.
+    progress: show a tqdm bar on stderr. workers: processes that make and write the clips
+    (skyloom.process_map); the files are the same for any number. Returns the manifest's path.
     """
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
     min_travel = check_min_travel(min_travel)
     object_size = check_object_size(object_size, min_travel)
+    try:
+        check_workers(workers)
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise DatasetError(f"crf must be an integer in [0, 51], got {crf!r}")
     out_dir = Path(out_dir)
@@ -470,17 +479,27 @@ def write_dataset(
     from tqdm import tqdm
 
     todo = [index for index in range(count) if index not in done]
+    write_clip = functools.partial(
+        _write_clip, out_dir, seed=seed, split=split, crf=crf, min_travel=min_travel, object_size=object_size
+    )
     with open(manifest, "a", encoding="utf-8") as lines, tqdm(
         total=count, initial=count - len(todo), unit="clip", desc="shapes", disable=not progress, file=sys.stderr
-    ) as bar:
-        for index in todo:
-            scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size)
-            record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size)
-            write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
+    ) as bar, contextlib.closing(process_map(write_clip, todo, workers)) as records:
+        for record in records:
             lines.write(json.dumps(record) + "\n")
             lines.flush()
             bar.update(1)
     return manifest
+
+
+def _write_clip(
+    out_dir: Path, index: int, *, seed: int, split: str, crf: int, min_travel: float, object_size: tuple[float, float]
+) -> dict:
+    """Make clip `index`, write its video and return its manifest record (run in a worker)."""
+    scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size)
+    record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size)
+    write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
+    return record
 
 
 # --- command -------------------------------------------------------------------------------
@@ -500,7 +519,9 @@ def write_dataset(
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel and --object-size).")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
-def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume, crf):
+@click.option("--workers", type=click.IntRange(min=1), default=available_cpus, show_default="the cores this process may use",
+              help="Processes that make the clips; the files are the same for any number.")
+def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume, crf, workers):
     """Write COUNT shapes-world clips to OUT_DIR/clips and their ground truth to OUT_DIR/manifest.jsonl."""
     from skyloom.cli import SkyloomCLIError
     from skyloom.video_io import VideoIOError
@@ -511,7 +532,7 @@ def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume,
         before = len(read_manifest(manifest)) if resume and manifest.is_file() else 0
         write_dataset(
             out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(),
-            min_travel=min_travel, object_size=object_size,
+            min_travel=min_travel, object_size=object_size, workers=workers,
         )
     except (DatasetError, VideoIOError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
