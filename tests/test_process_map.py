@@ -81,11 +81,9 @@ def test_ctrl_c_stops_early_and_lets_running_items_finish(tmp_path):
     assert first.strip() == "0"
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGINT)
-    start = time.monotonic()
-    out, _ = process.communicate(timeout=60)
+    out, _ = process.communicate(timeout=120)
     assert process.returncode == 130 and out.splitlines()[-1] == "interrupted"
-    assert time.monotonic() - start < 20  # not after the other ~190 items (60 s of work)
     started = {p.stem for p in tmp_path.glob("*.started")}
     done = {p.stem for p in tmp_path.glob("*.done")}
     assert started == done  # no item was cut off half-way
-    assert 2 <= len(done) < 200
+    assert 2 <= len(done) < 100  # it stopped handing out items: all 200 take 30 s on two workers
