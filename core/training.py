@@ -994,10 +994,11 @@ class CaptionTable:
                 for start in range(0, len(captions), CAPTION_CHUNK):
                     with torch.no_grad():
                         emb = text_encoder.encode(captions[start : start + CAPTION_CHUNK])
-                    chunks.append((emb.tokens.cpu(), emb.mask.cpu().bool()))
-                    bar.update(len(emb.mask))
+                    mask_chunk = emb.mask.cpu().bool()
+                    chunks.append((emb.tokens.cpu()[mask_chunk], mask_chunk))  # the real tokens only, row after row
+                    bar.update(len(mask_chunk))
             mask = torch.cat([m for _, m in chunks])
-            tokens = torch.cat([t[m] for t, m in chunks])  # the real tokens only, row after row
+            tokens = torch.cat([t for t, _ in chunks])
             if cache is not None:
                 _save_atomic(cache, {"tokens": tokens, "mask": mask}, {"key": key})
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real tokens (n, D), mask (L,)) per caption
