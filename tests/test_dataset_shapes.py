@@ -31,6 +31,7 @@ scene_args = st.fixed_dictionaries({
     "objects": st.sampled_from([1, 2]),
     "min_travel": st.sampled_from([shapes.MIN_TRAVEL, 0.5, shapes.MAX_MIN_TRAVEL]),
     "object_size": st.sampled_from([shapes.OBJECT_SIZE, shapes.OBJECT_SIZE_LIMITS, (0.3, 0.4), (0.15, 0.2)]),
+    "gap": st.sampled_from([shapes.GAP, 4, shapes.MAX_GAP]),
 }).filter(lambda args: fits(args["object_size"], args["min_travel"]))
 
 
@@ -126,9 +127,9 @@ def test_scene_spec_invariants(seed, args):
     assert (boxes[..., 2] <= scene.width - shapes.MARGIN).all() and (boxes[..., 3] <= scene.height - shapes.MARGIN).all()
     if len(boxes) == 2:
         a, b = boxes
-        overlap_x = (a[:, 0] < b[:, 2]) & (b[:, 0] < a[:, 2])
-        overlap_y = (a[:, 1] < b[:, 3]) & (b[:, 1] < a[:, 3])
-        assert not (overlap_x & overlap_y).any(), "objects never overlap"
+        apart_x = np.maximum(b[:, 0] - a[:, 2], a[:, 0] - b[:, 2])  # background columns between the boxes
+        apart_y = np.maximum(b[:, 1] - a[:, 3], a[:, 1] - b[:, 3])
+        assert (np.maximum(apart_x, apart_y) >= args["gap"]).all(), "gap pixels apart in every frame"
     held = [world.is_held_out(obj) for obj in scene.objects]
     if args["split"] == "train":
         assert not any(held)
@@ -198,10 +199,10 @@ def test_write_dataset_writes_clips_matching_the_manifest(tmp_path):
     for record, (scene, truth) in zip(records, iter_dataset(3, 4)):
         assert set(record) == {
             "id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed", "min_travel",
-            "object_size",
+            "object_size", "gap",
         }
         assert record["split"] == "train" and record["seed"] == 3 and record["min_travel"] == 0.25
-        assert record["object_size"] == [0.2, 0.3]
+        assert record["object_size"] == [0.2, 0.3] and record["gap"] == 1
         assert record["objects"] == json.loads(json.dumps(shapes.clip_record(scene, record["id"], split="train", seed=3)["objects"]))
         frames, fps = read_video(tmp_path / "data" / record["path"])
         assert b" mbtree=0 " in (tmp_path / "data" / record["path"]).read_bytes()  # written reproducibly
@@ -236,12 +237,14 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
 
     with pytest.raises(DatasetError, match="not empty; pass resume=True"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
-    with pytest.raises(DatasetError, match=r"seed 7, split 'all', min_travel 0.25 and object_size \[0.2, 0.3\], not seed 8"):
+    with pytest.raises(DatasetError, match=r"seed 7, split 'all', min_travel 0.25, object_size \[0.2, 0.3\] and gap 1, not seed 8"):
         write_dataset(tmp_path / "cut", seed=8, count=5, split="all", resume=True)
-    with pytest.raises(DatasetError, match="min_travel 0.25 and .*, not seed 7, split 'all', min_travel 0.5 and"):
+    with pytest.raises(DatasetError, match="min_travel 0.25, .*, not seed 7, split 'all', min_travel 0.5,"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, min_travel=0.5)
-    with pytest.raises(DatasetError, match=r"object_size \[0.2, 0.3\], not .* and object_size \[0.3, 0.4\]"):
+    with pytest.raises(DatasetError, match=r"object_size \[0.2, 0.3\] and gap 1, not .*, object_size \[0.3, 0.4\] and gap 1"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, object_size=(0.3, 0.4))
+    with pytest.raises(DatasetError, match=r"and gap 1, not .* and gap 4; use those"):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, gap=4)
     kept = {p.name: p.read_bytes() for p in (tmp_path / "cut" / "clips").iterdir()}
     assert sorted(kept) == ["000000.mp4", "000001.mp4", "000002.mp4"]  # no partial clip left behind
     write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True)
@@ -267,6 +270,8 @@ def test_workers_write_the_same_files(tmp_path):
     [
         (lambda d: write_dataset(d, 0, 0), "count must be an integer >= 1, got 0"),
         (lambda d: write_dataset(d, 0, 2, workers=0), "workers must be a whole number of processes, at least 1, got 0"),
+        (lambda d: write_dataset(d, 0, 2, gap=0), "gap must be a whole number of pixels from 1 to 8 .*got 0"),
+        (lambda d: iter_dataset(0, 2, gap=2.5), "gap must be a whole number of pixels from 1 to 8 .*got 2.5"),
         (lambda d: write_dataset(d, 0, 2, split="dev"), "unknown split 'dev'; valid splits: train, heldout, all"),
         (lambda d: write_dataset(d, -1, 2), "seed must be an integer >= 0, got -1"),
         (lambda d: write_dataset(d, 0, 2, crf=99), r"crf must be an integer in \[0, 51\], got 99"),
@@ -329,7 +334,7 @@ def test_shapes_command(tmp_path):
     assert far.exit_code == 0, far.output
     assert [r["min_travel"] for r in read_manifest(edge)] == [0.5, 0.5]
     mixed = runner.invoke(shapes_command, [str(edge), "--count", "3", "--resume"])
-    assert mixed.exit_code == 1 and "min_travel 0.5 and object_size [0.2, 0.3], not seed 0, split 'train', min_travel 0.25" in mixed.output
+    assert mixed.exit_code == 1 and "min_travel 0.5, object_size [0.2, 0.3] and gap 1, not seed 0, split 'train', min_travel 0.25" in mixed.output
     too_far = runner.invoke(shapes_command, [str(tmp_path / "other"), "--min-travel", "0.9"])
     assert too_far.exit_code == 2 and "0.9 is not in the range 0.25<=x<=0.6" in too_far.output
 
@@ -341,7 +346,14 @@ def test_shapes_command(tmp_path):
         shorter = min(record["width"], record["height"])
         assert all(0.3 * shorter <= obj["size"] <= 0.4 * shorter for obj in record["objects"])
     smaller = runner.invoke(shapes_command, [str(big), "--count", "10", "--resume"])
-    assert smaller.exit_code == 1 and "object_size [0.3, 0.4], not seed 0" in smaller.output
+    assert smaller.exit_code == 1 and "object_size [0.3, 0.4] and gap 1, not seed 0" in smaller.output
+
+    spaced = tmp_path / "spaced"
+    wide = runner.invoke(shapes_command, [str(spaced), "--count", "18", "--gap", "6", "--object-size", "0.3", "0.4"])
+    assert wide.exit_code == 0, wide.output
+    assert {r["gap"] for r in read_manifest(spaced)} == {6}
+    too_wide = runner.invoke(shapes_command, [str(tmp_path / "other"), "--gap", "9"])
+    assert too_wide.exit_code == 2 and "9 is not in the range 1<=x<=8" in too_wide.output
     too_big = runner.invoke(shapes_command, [str(tmp_path / "other"), "--object-size", "0.3", "0.5"])
     assert too_big.exit_code == 1 and "error: object_size must be two numbers" in too_big.output
     assert not (tmp_path / "other").exists()

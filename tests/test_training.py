@@ -426,6 +426,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"data": {"path": None, "shapes": {"count": 3, "min_travel": 0.8}}}, r"data.shapes.min_travel must be a number from 0.25 to 0.6"),
         ({"data": {"path": None, "shapes": {"count": 3, "travel": 0.5}}}, r"data.shapes must be .*\"min_travel\": number"),
         ({"data": {"path": None, "shapes": {"count": 3, "object_size": [0.5, 0.6]}}}, r"data.shapes.object_size must be two numbers"),
+        ({"data": {"path": None, "shapes": {"count": 3, "gap": 12}}}, r"data.shapes.gap must be a whole number of pixels from 1 to 8"),
         ({"data": {"path": None, "shapes": {"count": 3, "min_travel": 0.6, "object_size": [0.3, 0.4]}}},
          r"data.shapes.object_size \[0.3, 0.4\]: a 25px object cannot travel min_travel 0.6"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
@@ -722,16 +723,16 @@ def test_ctrl_c_checkpoints_and_resume_finishes(dataset, tmp_path):
     assert max(logged) == step  # nothing done after the last checkpoint went unrecorded or was lost
 
 
-def test_a_generated_dataset_keeps_min_travel_and_object_size(dataset, tmp_path):
+def test_a_generated_dataset_keeps_min_travel_object_size_and_gap(dataset, tmp_path):
     from skyloom.datasets.shapes import read_manifest
 
-    shapes = {"seed": 2, "count": 9, "min_travel": 0.5, "object_size": [0.3, 0.4]}
+    shapes = {"seed": 2, "count": 9, "min_travel": 0.5, "object_size": [0.3, 0.4], "gap": 6}
     data = {**TINY["data"], "path": None, "shapes": shapes}
     (tmp_path / "run").mkdir()
     clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)
     records = read_manifest(tmp_path / "run" / "data")
     assert len(clips) == len(records) == 9 and {r["min_travel"] for r in records} == {0.5}
-    assert all(r["object_size"] == [0.3, 0.4] for r in records)
+    assert all(r["object_size"] == [0.3, 0.4] and r["gap"] == 6 for r in records)
     assert all(obj["size"] >= 0.3 * min(r["width"], r["height"]) for r in records for obj in r["objects"])
     moving = [(r, o) for r in records for o in r["objects"] if o["motion"] != "stays still"]
     assert moving
@@ -747,7 +748,7 @@ def test_memorisation_benchmark_scores_the_clips_and_captions_training_reads(dat
     same decoded frames (a fresh MP4 write of the same clips) and each clip's first caption."""
     from benchmarks.eval_memorisation import written_clips
 
-    shapes = {"seed": 4, "count": 3, "crf": 18, "min_travel": 0.5, "object_size": [0.3, 0.4]}
+    shapes = {"seed": 4, "count": 3, "crf": 18, "min_travel": 0.5, "object_size": [0.3, 0.4], "gap": 6}
     data = {**TINY["data"], "path": None, "shapes": shapes}
     (tmp_path / "run").mkdir()
     clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)

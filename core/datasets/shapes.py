@@ -16,10 +16,10 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
   and right, height for up and down): a quarter by default. A larger share starts objects
   nearer the edge they move away from, which ties a motion word to where the object starts.
   Every box stays inside the frame with a background border of `MARGIN` pixels, so nothing is
-  ever cut off; two boxes are `GAP` pixels apart in every frame.
+  ever cut off; two boxes are `gap` pixels apart in every frame (`GAP`, 1, by default).
 - An object's box side is drawn from `object_size`, shares of the frame's shorter side: 0.20
   to 0.30 by default.
-- Clip i of a dataset depends only on (seed, i, split, min_travel, object_size): `make_clip(seed, i)`.
+- Clip i of a dataset depends only on (seed, i, split, min_travel, object_size, gap): `make_clip(seed, i)`.
   Its size and duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
 
     from skyloom.datasets.shapes import iter_dataset, write_dataset
@@ -60,7 +60,10 @@ MIN_TRAVEL = 0.25  # the least share of the frame a moving object crosses, by de
 # the most: objects of the default size still fit that travel inside the margins (check_object_size)
 MAX_MIN_TRAVEL = 0.6
 MARGIN = 1  # background pixels always left along every edge of the frame
-GAP = 1  # background pixels always left between two objects' boxes
+GAP = 1  # background pixels always left between two objects' boxes, by default
+# the most: a wider gap than the autoencoder's 4-pixel latent cell keeps two objects apart in its
+# reconstructions (docs/performance.md), and two of the largest objects still fit a 48-pixel side
+MAX_GAP = 8
 MAX_OBJECTS = 2
 MANIFEST = "manifest.jsonl"
 CLIPS = "clips"
@@ -141,14 +144,14 @@ def _place(
     return tuple(corners[0]), tuple(corners[1])
 
 
-def _apart(boxes: np.ndarray) -> bool:
-    """True when every pair of boxes (objects, T, 4) is at least GAP pixels apart in every frame."""
+def _apart(boxes: np.ndarray, gap: int = GAP) -> bool:
+    """True when every pair of boxes (objects, T, 4) is at least `gap` pixels apart in every frame."""
     for a in range(len(boxes)):
         for b in range(a + 1, len(boxes)):
             p, q = boxes[a], boxes[b]
             separated = (
-                (p[:, 2] + GAP <= q[:, 0]) | (q[:, 2] + GAP <= p[:, 0])
-                | (p[:, 3] + GAP <= q[:, 1]) | (q[:, 3] + GAP <= p[:, 1])
+                (p[:, 2] + gap <= q[:, 0]) | (q[:, 2] + gap <= p[:, 0])
+                | (p[:, 3] + gap <= q[:, 1]) | (q[:, 3] + gap <= p[:, 1])
             )
             if not separated.all():
                 return False
@@ -164,6 +167,7 @@ def sample_scene(
     objects: int | None = None,
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
+    gap: int = GAP,
 ) -> SceneSpec:
     """Draw one scene from `rng`.
 
@@ -173,6 +177,7 @@ def sample_scene(
     objects: how many objects, 1 or 2 (drawn from rng if None).
     min_travel: the least share of the frame a moving object crosses (check_min_travel).
     object_size: (smallest, largest) box side, as shares of the shorter side (check_object_size).
+    gap: background pixels always left between two objects' boxes (check_gap).
     """
     _check_split(split)
     if size is None:
@@ -203,7 +208,7 @@ def sample_scene(
             chosen.append(obj)
         scene = lay_out(
             rng, chosen, width=width, height=height, frames=int(frames), background=background,
-            min_travel=min_travel, object_size=object_size,
+            min_travel=min_travel, object_size=object_size, gap=gap,
         )
         if scene is not None:
             return scene
@@ -220,12 +225,13 @@ def lay_out(
     tries: int = _LAYOUT_TRIES,
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
+    gap: int = GAP,
 ) -> SceneSpec | None:
     """Place `objects` ({shape, colour, motion, rgb}) in a width×height clip by the dataset's rules:
     a box side in object_size of the shorter side, a moving object travels at least min_travel
-    of the frame, MARGIN from the edges, boxes GAP apart in every frame. Returns the scene, or
+    of the frame, MARGIN from the edges, boxes `gap` apart in every frame. Returns the scene, or
     None when `tries` random layouts all collide (draw other objects, or try again)."""
-    min_travel = check_min_travel(min_travel)  # both checked once, not per object and try
+    min_travel, gap = check_min_travel(min_travel), check_gap(gap)  # checked once, not per object and try
     smallest, largest = _sides(check_object_size(object_size, min_travel), min(width, height))
     for _ in range(tries):
         placed = []
@@ -239,7 +245,7 @@ def lay_out(
                 "rgb": tuple(obj["rgb"]),
             })
         scene = SceneSpec(width, height, frames, float(FPS), background, placed)
-        if _apart(scene.boxes()):
+        if _apart(scene.boxes(), gap):
             return scene
     return None
 
@@ -300,6 +306,15 @@ def check_min_travel(min_travel) -> float:
     return float(min_travel)
 
 
+def check_gap(gap) -> int:
+    if isinstance(gap, bool) or not isinstance(gap, (int, np.integer)) or not GAP <= gap <= MAX_GAP:
+        raise DatasetError(
+            f"gap must be a whole number of pixels from {GAP} to {MAX_GAP} (the background left between two objects' "
+            f"boxes), got {gap!r}"
+        )
+    return int(gap)
+
+
 def check_object_size(object_size, min_travel: float = MIN_TRAVEL) -> tuple[float, float]:
     """object_size as (smallest, largest), after checking that every bucket (shapes_world.SIZES)
     has a whole-pixel side in that range and room for its largest object to travel min_travel."""
@@ -336,32 +351,35 @@ def _sides(object_size: tuple[float, float], shorter: int) -> tuple[int, int]:
 
 def make_clip(
     seed: int, index: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
 ) -> tuple[SceneSpec, torch.Tensor]:
     """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split,
-    min_travel, object_size) only."""
+    min_travel, object_size, gap) only."""
     rng = np.random.default_rng([_check_seed(seed), int(index)])
     size, frames = BUCKETS[index % len(BUCKETS)]
-    scene = sample_scene(rng, size=size, frames=frames, split=split, min_travel=min_travel, object_size=object_size)
+    scene = sample_scene(
+        rng, size=size, frames=frames, split=split, min_travel=min_travel, object_size=object_size, gap=gap
+    )
     return scene, render(scene)
 
 
 def iter_dataset(
     seed: int, count: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
 ) -> Iterator[tuple[SceneSpec, torch.Tensor]]:
     """(scene, frames) for clips 0 .. count-1, one at a time: only the current clip is in memory."""
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
-    min_travel = check_min_travel(min_travel)
+    min_travel, gap = check_min_travel(min_travel), check_gap(gap)
     object_size = check_object_size(object_size, min_travel)
     return (
-        make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size) for index in range(count)
+        make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size, gap=gap)
+        for index in range(count)
     )
 
 
 def clip_record(
     scene: SceneSpec, index: int, *, split: str, seed: int, min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
 ) -> dict:
     """The manifest line (ground truth) for clip `index`."""
     return {
@@ -383,6 +401,7 @@ def clip_record(
         "seed": seed,
         "min_travel": min_travel,
         "object_size": list(object_size),
+        "gap": gap,
     }
 
 
@@ -426,19 +445,20 @@ def write_dataset(
     progress: bool = False,
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
+    gap: int = GAP,
     workers: int = 1,
 ) -> Path:
     """Write clips 0 .. count-1 to out_dir/clips/NNNNNN.mp4 and their ground truth to out_dir/manifest.jsonl.
 
     Each clip is written atomically, then its manifest line is appended and flushed, so an
     interrupted run leaves only whole clips, each listed. resume=True continues such a run (same
-    seed, split, min_travel and object_size): clips already in the manifest are kept, the rest are written, and the result
-    equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
+    seed, split, min_travel, object_size and gap): clips already in the manifest are kept, the rest are written, and
+    the result equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
     progress: show a tqdm bar on stderr. workers: processes that make and write the clips
     (skyloom.process_map); the files are the same for any number. Returns the manifest's path.
     """
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
-    min_travel = check_min_travel(min_travel)
+    min_travel, gap = check_min_travel(min_travel), check_gap(gap)
     object_size = check_object_size(object_size, min_travel)
     try:
         check_workers(workers)
@@ -463,13 +483,14 @@ def write_dataset(
         for record in records:
             written = (
                 record.get("seed"), record.get("split"), record.get("min_travel", MIN_TRAVEL),
-                list(record.get("object_size", OBJECT_SIZE)),
+                list(record.get("object_size", OBJECT_SIZE)), record.get("gap", GAP),
             )
-            if written != (seed, split, min_travel, list(object_size)):
+            if written != (seed, split, min_travel, list(object_size), gap):
                 raise DatasetError(
                     f"cannot resume in {out_dir}: it was written with seed {written[0]!r}, split {written[1]!r}, "
-                    f"min_travel {written[2]!r} and object_size {written[3]!r}, not seed {seed}, split {split!r}, "
-                    f"min_travel {min_travel!r} and object_size {list(object_size)!r}; use those, or another directory"
+                    f"min_travel {written[2]!r}, object_size {written[3]!r} and gap {written[4]!r}, not seed {seed}, "
+                    f"split {split!r}, min_travel {min_travel!r}, object_size {list(object_size)!r} and gap {gap!r}; "
+                    "use those, or another directory"
                 )
             done.add(record["id"])
         if good != manifest.stat().st_size:  # drop a line the interrupted run left unfinished
@@ -480,7 +501,7 @@ def write_dataset(
 
     todo = [index for index in range(count) if index not in done]
     write_clip = functools.partial(
-        _write_clip, out_dir, seed=seed, split=split, crf=crf, min_travel=min_travel, object_size=object_size
+        _write_clip, out_dir, seed=seed, split=split, crf=crf, min_travel=min_travel, object_size=object_size, gap=gap
     )
     with open(manifest, "a", encoding="utf-8") as lines, tqdm(
         total=count, initial=count - len(todo), unit="clip", desc="shapes", disable=not progress, file=sys.stderr
@@ -493,11 +514,14 @@ def write_dataset(
 
 
 def _write_clip(
-    out_dir: Path, index: int, *, seed: int, split: str, crf: int, min_travel: float, object_size: tuple[float, float]
+    out_dir: Path, index: int, *, seed: int, split: str, crf: int, min_travel: float, object_size: tuple[float, float],
+    gap: int,
 ) -> dict:
     """Make clip `index`, write its video and return its manifest record (run in a worker)."""
-    scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size)
-    record = clip_record(scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size)
+    scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size, gap=gap)
+    record = clip_record(
+        scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size, gap=gap
+    )
     write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
     return record
 
@@ -516,12 +540,14 @@ def _write_clip(
 @click.option("--object-size", type=(float, float), default=OBJECT_SIZE, show_default=True, metavar="SMALLEST LARGEST",
               help=f"An object's box side, as shares of the frame's shorter side ({OBJECT_SIZE_LIMITS[0]} to "
                    f"{OBJECT_SIZE_LIMITS[1]}).")
+@click.option("--gap", type=click.IntRange(GAP, MAX_GAP), default=GAP, show_default=True,
+              help="Background pixels always left between two objects' boxes.")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel and --object-size).")
+              help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel, --object-size and --gap).")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--workers", type=click.IntRange(min=1), default=available_cpus, show_default="the cores this process may use",
               help="Processes that make the clips; the files are the same for any number.")
-def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume, crf, workers):
+def shapes_command(out_dir, count, seed, split, min_travel, object_size, gap, resume, crf, workers):
     """Write COUNT shapes-world clips to OUT_DIR/clips and their ground truth to OUT_DIR/manifest.jsonl."""
     from skyloom.cli import SkyloomCLIError
     from skyloom.video_io import VideoIOError
@@ -532,7 +558,7 @@ def shapes_command(out_dir, count, seed, split, min_travel, object_size, resume,
         before = len(read_manifest(manifest)) if resume and manifest.is_file() else 0
         write_dataset(
             out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(),
-            min_travel=min_travel, object_size=object_size, workers=workers,
+            min_travel=min_travel, object_size=object_size, gap=gap, workers=workers,
         )
     except (DatasetError, VideoIOError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
