@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_ops.py
 	$(PY) -m benchmarks.bench_training
+	$(PY) -m benchmarks.bench_data
 
 # The README's picture: frame strips of several prompts from the embedded model.
 showcase: install
