@@ -1,6 +1,6 @@
 """An ordered map over worker processes, for the data stages of training: making shapes-world
-clips, reading clips and re-captioning them are single-threaded Python and numpy per clip, so
-one process keeps one core busy however many the machine has.
+clips, reading clips and re-captioning them are mostly single-threaded Python and numpy per
+clip, so one process keeps about one core busy however many the machine has.
 
     with contextlib.closing(process_map(fn, items, workers=4)) as results:
         for result in results:  # fn(item), in the order of items, as they come
@@ -34,9 +34,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_workers(workers, what: str = "workers") -> int:
+def check_workers(workers) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"{what} must be a whole number of processes, at least 1, got {workers!r}")
+        raise ValueError(f"workers must be a whole number of processes, at least 1, got {workers!r}")
     return workers
 
 
@@ -49,8 +49,8 @@ def process_map(
     many spawned processes, each handed `chunk` items at a time, with at most two chunks per
     worker queued, so results never pile up ahead of the caller. A worker's exception is raised
     here, as it was raised there. The workers ignore Ctrl-C: on it this process stops handing out
-    chunks, lets the running ones finish (so no worker dies half-way through writing a file)
-    and raises KeyboardInterrupt. Close the iterator (contextlib.closing) if you may stop early.
+    chunks, lets the workers finish the ones already handed to them (so none dies half-way
+    through writing a file; a second or so) and raises KeyboardInterrupt. Close the iterator (contextlib.closing) if you may stop early.
     """
     workers = check_workers(workers)
     items = list(items)
