@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from skyloom.atomic_write import write_atomic
+from skyloom.atomic_write import write_atomic, write_atomic_with
 from skyloom.bundle import FORMAT, FORMAT_VERSION, BundleError, ModelBundle, load_bundle, safetensors_state, save_bundle
 from skyloom.kinds import Captioner
 from skyloom.process_map import check_workers, process_map
@@ -327,12 +327,12 @@ def prepare_data(
     cached = _read_captions(captions_path, len(videos), per_clip)
     if cached is None:
         captioner = _create(registry, "captioner", data["captioner"], {})
-        try:
-            pickle.dumps(captioner)
-        except Exception as error:  # it cannot travel to worker processes
-            if workers > 1:
+        if workers > 1:
+            try:
+                pickle.dumps(captioner)
+            except Exception as error:  # it cannot travel to worker processes
                 _say(f"captioner {data['captioner']!r} cannot be sent to worker processes ({error}); captioning in this one")
-            workers = 1
+                workers = 1
         caption = functools.partial(_captions_of, captioner, per_clip)
         jobs = ((frames.numpy(), fps) for frames, fps in videos)
         with closing(process_map(caption, jobs, workers)) as captions:
@@ -814,14 +814,7 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """safetensors written to a temporary file beside `path`, then renamed over it."""
     from safetensors.torch import save_file
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic_with(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _load_exact(module: nn.Module, tensors: dict, path: Path) -> None:
