@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
 Item = TypeVar("Item")
@@ -65,7 +66,14 @@ def process_map(
     try:
         queued = collections.deque(executor.submit(_apply, fn, part) for part in itertools.islice(chunks, 2 * workers))
         while queued:
-            results = queued.popleft().result()
+            try:
+                results = queued.popleft().result()
+            except BrokenProcessPool as error:
+                raise RuntimeError(
+                    "a worker process died without an error of its own (the system may have stopped it "
+                    "for lack of memory: check `dmesg` or the system log); run again with fewer workers, "
+                    "or 1 to work in this process"
+                ) from error
             part = next(chunks, None)
             if part is not None:
                 queued.append(executor.submit(_apply, fn, part))

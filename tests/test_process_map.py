@@ -26,6 +26,12 @@ def worker_pid(_) -> int:
     return os.getpid()
 
 
+def die_on_five(x: int) -> int:
+    if x == 5:
+        os._exit(1)  # as a process the system stops for lack of memory: no exception to pass back
+    return x
+
+
 @pytest.mark.parametrize("workers, chunk", [(1, 16), (2, 3), (3, 1)])
 def test_results_come_in_the_items_order(workers, chunk):
     assert list(process_map(square, range(40), workers, chunk=chunk)) == [x * x for x in range(40)]
@@ -44,6 +50,11 @@ def test_a_workers_error_is_raised_as_it_was_raised_there(workers, before):
         for result in process_map(fail_on_seven, range(20), workers, chunk=2):
             done.append(result)
     assert done == list(range(before))  # in order; with workers, up to the bad item's chunk
+
+
+def test_a_worker_that_dies_is_reported_with_what_to_do():
+    with pytest.raises(RuntimeError, match="a worker process died .* run again with fewer workers, or 1"):
+        list(process_map(die_on_five, range(20), 2, chunk=2))
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
