@@ -11,7 +11,9 @@ adaLN layer, unpatchify. What video adds:
   the frame's edges and the clip's start are;
 - self-attention through skyloom.ops.spacetime_attention, each block "spatial" (within a
   frame), "temporal" (across frames at one position) or "full";
-- cross-attention to the text tokens, with the padding masked out;
+- text through cross-attention to the text tokens, with the padding masked out, or
+  (text_conditioning "joint") through SD3's joint attention: text tokens join the video
+  tokens' attention, each with their own weights, and are updated block by block;
 - frame conditioning: known latent frames (cond_latent, where cond_mask is 1) are concatenated
   to the noisy latent on channels, so one model does text-to-video, image-to-video and
   extension.
@@ -31,6 +33,7 @@ from skyloom import ops
 
 ATTENTION_MODES = ("full", "spatial", "temporal")
 PREDICTIONS = ("velocity", "sample")
+TEXT_CONDITIONINGS = ("cross", "joint")
 # A "sample" head's velocity is (x_t - sample) / t: t is floored here so that errors near t = 0
 # are not magnified without bound (Li & He floor 1 - t at 0.05 in their time convention).
 SAMPLE_PREDICTION_MIN_T = 0.05
@@ -65,6 +68,12 @@ class DiTConfig:
     # turn them into the output, so that neighbouring tokens draw the edges and corners they share
     # (as U-ViT's last 3x3 conv; here a token is 4x4 latent pixels, an object one or two tokens).
     output_conv: int = 0
+    # How video tokens read the prompt: "cross" (DiT/PixArt: cross-attention to fixed text
+    # tokens in each block) or "joint" (SD3's MMDiT: text tokens join the self-attention with
+    # their own projections, adaLN and MLP, so each block's text tokens carry what the video
+    # made of the previous block's: a colour word can learn which object it is on). "joint"
+    # needs "full" attention in every block.
+    text_conditioning: str = "cross"
     gradient_checkpointing: bool = False  # recompute block activations in backward (saves memory)
 
     def __post_init__(self) -> None:
@@ -83,6 +92,13 @@ class DiTConfig:
             raise ValueError(f"absolute_position needs an even hidden_size (sin-cos pairs), got {self.hidden_size}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.text_conditioning not in TEXT_CONDITIONINGS:
+            raise ValueError(f"text_conditioning must be one of {TEXT_CONDITIONINGS}, got {self.text_conditioning!r}")
+        if self.text_conditioning == "joint" and set(self.attention_modes) != {"full"}:
+            raise ValueError(
+                f'text_conditioning "joint" attends over all video and text tokens at once, so it needs '
+                f'attention_modes ["full"], got {list(self.attention_modes)}'
+            )
         if isinstance(self.output_conv, bool) or not isinstance(self.output_conv, int) or self.output_conv < 0:
             raise ValueError(f"output_conv must be 0 (no convolutional head) or a channel count > 0, got {self.output_conv!r}")
         axes = self.rope_dims
@@ -228,13 +244,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- blocks --------------------------------------------------------------------------------
 
 
+def head_norm(cfg: DiTConfig) -> nn.Module:
+    """What normalises each head's queries or keys: RMSNorm with qk_norm, else nothing."""
+    return nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, mode: str):
         super().__init__()
         self.mode, self.num_heads = mode, cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = head_norm(cfg)
+        self.k_norm = head_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -266,8 +287,8 @@ class CrossAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.q_norm = head_norm(cfg)
+        self.k_norm = head_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -299,13 +320,88 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c, text, text_mask, rope):
+        """(video tokens, text tokens) after the block; the text tokens pass through unchanged."""
         B, T, S, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
         h = modulate(self.norm1(x).view(B, T * S, D), shift_msa, scale_msa)  # (B, N, D)
         x = x + gate_msa.view(B, 1, 1, D) * self.attn(h.view(B, T, S, D), rope)  # (B, T', S, D)
         x = x + self.cross(self.norm2(x).view(B, T * S, D), text, text_mask).view(B, T, S, D)  # (B, T', S, D)
         h = modulate(self.norm3(x).view(B, T * S, D), shift_mlp, scale_mlp)  # (B, N, D)
-        return x + gate_mlp.view(B, 1, 1, D) * self.mlp(h).view(B, T, S, D)  # (B, T', S, D)
+        return x + gate_mlp.view(B, 1, 1, D) * self.mlp(h).view(B, T, S, D), text  # (B, T', S, D), (B, L, D)
+
+
+class JointAttention(nn.Module):
+    """One attention over video and text tokens (SD3's MMDiT), each with its own projections.
+
+    Video queries and keys get RoPE, text ones none; padded text tokens are masked out as keys.
+    With update_text False (the last block, whose text nobody reads) the text gives keys and
+    values only.
+    """
+
+    def __init__(self, cfg: DiTConfig, update_text: bool):
+        super().__init__()
+        D, self.num_heads, self.update_text = cfg.hidden_size, cfg.num_heads, update_text
+        self.qkv = nn.Linear(D, 3 * D)
+        self.text_qkv = nn.Linear(D, (3 if update_text else 2) * D)
+        self.q_norm, self.k_norm, self.text_k_norm = head_norm(cfg), head_norm(cfg), head_norm(cfg)
+        self.text_q_norm = head_norm(cfg) if update_text else None
+        self.proj = nn.Linear(D, D)
+        self.text_proj = nn.Linear(D, D) if update_text else None
+
+    def forward(self, x, text, text_mask, rope):
+        B, T, S, D = x.shape
+        N, L = T * S, text.shape[1]
+        q, k, v = self.qkv(x).view(B, T, S, 3, self.num_heads, -1).unbind(3)  # (B, T', S, heads, head_dim) each
+        q = apply_rope(self.q_norm(q), *rope).view(B, N, self.num_heads, -1)  # (B, N, heads, head_dim)
+        k = apply_rope(self.k_norm(k), *rope).view(B, N, self.num_heads, -1)  # (B, N, heads, head_dim)
+        text_parts = self.text_qkv(text).view(B, L, -1, self.num_heads, D // self.num_heads).unbind(2)
+        tk, tv = self.text_k_norm(text_parts[-2]), text_parts[-1]  # (B, L, heads, head_dim) each
+        keys = torch.cat([k, tk], dim=1).transpose(1, 2)  # (B, heads, N+L, head_dim)
+        values = torch.cat([v.reshape(B, N, self.num_heads, -1), tv], dim=1).transpose(1, 2)  # (B, heads, N+L, head_dim)
+        queries = torch.cat([q, self.text_q_norm(text_parts[0])], dim=1) if self.update_text else q
+        visible = torch.cat([text_mask.new_ones(B, N), text_mask], dim=1)[:, None, None, :]  # (B, 1, 1, N+L)
+        out = text_attention(queries.transpose(1, 2), keys, values, visible)  # (B, heads, N(+L), head_dim)
+        out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N(+L), D)
+        video = self.proj(out[:, :N]).view(B, T, S, D)  # (B, T', S, D)
+        return video, (self.text_proj(out[:, N:]) if self.update_text else None)  # (B, L, D) or None
+
+
+class JointBlock(nn.Module):
+    """SD3's MMDiT block: video and text tokens each have their own adaLN-Zero modulation
+    (from the timestep embedding), projections and MLP, and attend together in one attention.
+    The last block (update_text False) leaves the text tokens as they are."""
+
+    def __init__(self, cfg: DiTConfig, update_text: bool):
+        super().__init__()
+        D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+        self.update_text = update_text
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.text_norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = JointAttention(cfg, update_text)
+        self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.text_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if update_text else 2) * D))
+        if update_text:
+            self.text_norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+            self.text_mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+
+    def forward(self, x, c, text, text_mask, rope):
+        """(video tokens, text tokens) after the block."""
+        B, T, S, D = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
+        text_mod = self.text_adaLN_modulation(c).chunk(6 if self.update_text else 2, dim=1)  # (B, D) each
+        h = modulate(self.norm1(x).view(B, T * S, D), shift_msa, scale_msa).view(B, T, S, D)  # (B, T', S, D)
+        video_out, text_out = self.attn(h, modulate(self.text_norm1(text), text_mod[0], text_mod[1]), text_mask, rope)
+        x = x + gate_msa.view(B, 1, 1, D) * video_out  # (B, T', S, D)
+        h = modulate(self.norm3(x).view(B, T * S, D), shift_mlp, scale_mlp)  # (B, N, D)
+        x = x + gate_mlp.view(B, 1, 1, D) * self.mlp(h).view(B, T, S, D)  # (B, T', S, D)
+        if self.update_text:
+            _, _, text_gate_msa, text_shift_mlp, text_scale_mlp, text_gate_mlp = text_mod
+            text = text + text_gate_msa.unsqueeze(1) * text_out  # (B, L, D)
+            h = modulate(self.text_norm3(text), text_shift_mlp, text_scale_mlp)  # (B, L, D)
+            text = text + text_gate_mlp.unsqueeze(1) * self.text_mlp(h)  # (B, L, D)
+        return x, text
 
 
 class FinalLayer(nn.Module):
@@ -337,7 +433,10 @@ class SpacetimeDiT(nn.Module):
         )
         self.rope = RotaryEmbedding3D(cfg.rope_dims, cfg.rope_theta)
         self.position = FractionalPositionEmbedding(D) if cfg.absolute_position else None
-        self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
+        if cfg.text_conditioning == "joint":
+            self.blocks = nn.ModuleList(JointBlock(cfg, update_text=i < cfg.depth - 1) for i in range(cfg.depth))
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
         self.final_layer = FinalLayer(cfg)
         K = cfg.output_conv
         self.output_conv = (
@@ -351,7 +450,8 @@ class SpacetimeDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's init. Zeroed, so every block starts as the identity and the output as exactly 0:
-        each block's adaLN modulation and cross-attention output projection, and the final
+        each block's adaLN modulation and cross-attention output projection (joint blocks: both
+        adaLN modulations, so text tokens also pass through unchanged), and the final
         layer's adaLN modulation and linear (with a convolutional head, its last convolution
         instead: zeroing the linear too would leave both without a gradient)."""
 
@@ -371,10 +471,11 @@ class SpacetimeDiT(nn.Module):
                 nn.init.normal_(mlp[2].weight, std=0.02)
         # adaLN-Zero: gates start at zero, so each block is the identity at init.
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            nn.init.zeros_(block.cross.proj.weight)
-            nn.init.zeros_(block.cross.proj.bias)
+            zeroed = [block.adaLN_modulation[-1]]
+            zeroed += [block.text_adaLN_modulation[-1]] if isinstance(block, JointBlock) else [block.cross.proj]
+            for layer in zeroed:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         # Output layer: zero, so the initial velocity is exactly 0.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
@@ -453,9 +554,9 @@ class SpacetimeDiT(nn.Module):
 
         for block in self.blocks:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, text, text_mask, rope, use_reentrant=False)  # (B, T', S, D)
+                h, text = checkpoint(block, h, c, text, text_mask, rope, use_reentrant=False)  # (B, T', S, D), (B, L, D)
             else:
-                h = block(h, c, text, text_mask, rope)  # (B, T', S, D)
+                h, text = block(h, c, text, text_mask, rope)  # (B, T', S, D), (B, L, D)
 
         out = self.final_layer(h.flatten(1, 2), c)  # (B, N, K·pt·ph·pw)
         out = ops.unpatchify(out, (pt, ph, pw), grid)[:, :, :T, :H, :W]  # (B, K, T, H, W)

@@ -231,6 +231,24 @@ def test_a_new_transformer_recipe_reuses_a_finished_autoencoder(straight_run, da
         _train(changed, other, resume=True)
 
 
+def test_a_joint_text_transformer_trains_on_a_finished_autoencoder_and_generates(straight_run, dataset, tmp_path):
+    _, run_dir = straight_run
+    transformer = {**TINY["transformer"], "attention_modes": ["full"], "text_conditioning": "joint"}
+    path = _config_file(tmp_path, dataset, transformer=transformer)
+    shutil.copytree(run_dir / "autoencoder", tmp_path / "run" / "autoencoder")
+    bundle_dir = _train(path, tmp_path / "run", resume=True, output=tmp_path / "bundle")
+    assert [s for s, *_ in _losses(tmp_path / "run")] == ["transformer"] * 4
+    bundle = load_bundle(bundle_dir, get_registry())
+    assert bundle.transformer.config.text_conditioning == "joint"
+    assert "blocks.0.text_mlp.0.weight" in bundle.transformer.state_dict()
+    from skyloom.pipeline import Pipeline
+    from skyloom.request import GenerationRequest
+
+    pipe = Pipeline(bundle, safety_filters=[], watermarkers=[], audit_log=None)
+    result = pipe(GenerationRequest("a red circle moves left", frames=9, width=64, height=64, steps=2, seed=0))
+    assert result.frames.shape == (9, 64, 64, 3)
+
+
 def test_a_compiled_transformer_trains_as_the_plain_one_and_resumes_exactly(straight_run, dataset, tmp_path, monkeypatch):
     bundle_dir, run_dir = straight_run
     compiled_modules = []

@@ -41,9 +41,10 @@ def inputs(B=2, T=3, H=4, W=4, L=5, seed=0):
     return x, t, text, mask
 
 
-@pytest.fixture(scope="module")
-def trained_like():
-    return randomize_(make(attention_modes=("spatial", "temporal"))).eval()
+@pytest.fixture(scope="module", params=["cross", "joint"])
+def trained_like(request):
+    modes = ("spatial", "temporal") if request.param == "cross" else ("full",)
+    return randomize_(make(attention_modes=modes, text_conditioning=request.param)).eval()
 
 
 @given(grid=latent_grids)
@@ -81,23 +82,53 @@ def test_model_embeds_one_token_per_patch(monkeypatch):
     assert seen[0].shape == (1, 2 * 3 * 5, 2 * C + 1)
 
 
-def test_adaln_zero_init_gives_exactly_zero_velocity():
-    model = make().eval()
+@pytest.mark.parametrize("text_conditioning", ["cross", "joint"])
+def test_adaln_zero_init_gives_exactly_zero_velocity(text_conditioning):
+    model = make(attention_modes=("full",), text_conditioning=text_conditioning).eval()
     x, t, text, mask = inputs()
     with torch.no_grad():
         v = model(x, t, text, mask, cond_latent=torch.randn_like(x), cond_mask=torch.ones(2, 3))
     assert torch.equal(v, torch.zeros_like(x))
 
 
-def test_blocks_start_as_the_identity():
-    model = make().eval()
+@pytest.mark.parametrize("text_conditioning", ["cross", "joint"])
+def test_blocks_start_as_the_identity(text_conditioning):
+    model = make(attention_modes=("full",), text_conditioning=text_conditioning).eval()
     h = torch.randn(2, 3, 4, TINY["hidden_size"])
     c = torch.randn(2, TINY["hidden_size"])
     text, mask = torch.randn(2, 5, TINY["hidden_size"]), torch.ones(2, 5, dtype=torch.bool)
     rope = model.rope((3, 2, 2), h.device)
     with torch.no_grad():
         for block in model.blocks:
-            assert torch.equal(block(h, c, text, mask, rope), h)
+            out, out_text = block(h, c, text, mask, rope)
+            assert torch.equal(out, h) and torch.equal(out_text, text)
+
+
+def test_joint_blocks_carry_what_the_video_made_of_the_text_to_the_next_block():
+    model = randomize_(make(attention_modes=("full",), text_conditioning="joint", depth=3)).eval()
+    h, h2 = torch.randn(2, 2, 3, 4, TINY["hidden_size"])
+    c = torch.randn(2, TINY["hidden_size"])
+    text, mask = torch.randn(2, 5, TINY["hidden_size"]), torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    rope = model.rope((3, 2, 2), h.device)
+    with torch.no_grad():
+        first, last = model.blocks[0], model.blocks[-1]
+        _, text_a = first(h, c, text, mask, rope)
+        _, text_b = first(h2, c, text, mask, rope)
+        assert not torch.allclose(text_a, text_b)  # the text tokens read the video
+        noisy = text.clone()
+        noisy[0, 3:] += 10
+        _, text_c = first(h, c, noisy, mask, rope)
+        torch.testing.assert_close(text_c[0, :3], text_a[0, :3])  # and not the padding
+        out, text_d = last(h, c, text, mask, rope)
+        assert torch.equal(text_d, text) and not torch.allclose(out, h)  # the last block only reads the text
+    assert not hasattr(last, "text_mlp") and last.attn.text_proj is None
+    # Joint attention is one attention over all the tokens, so it needs full attention in every block.
+    with pytest.raises(ValueError, match='text_conditioning "joint" .* needs attention_modes \\["full"\\]'):
+        DiTConfig(**{**TINY, "text_conditioning": "joint", "attention_modes": ("spatial", "full")})
+    with pytest.raises(ValueError, match=r"text_conditioning must be one of \('cross', 'joint'\), got 'concat'"):
+        DiTConfig(**{**TINY, "text_conditioning": "concat"})
+    old = {k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "text_conditioning"}
+    assert DiTConfig.from_dict(old).text_conditioning == "cross"  # bundles from before the option load as they were
 
 
 def test_one_training_step_makes_the_output_depend_on_the_condition():
@@ -313,11 +344,13 @@ def test_a_convolutional_head_lets_neighbouring_tokens_shape_each_others_output(
     assert DiTConfig.from_dict({k: v for k, v in DiTConfig(**TINY).to_dict().items() if k != "output_conv"}).output_conv == 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("text_conditioning", ["cross", "joint"])
+def test_gradient_checkpointing_gives_the_same_gradients(text_conditioning):
     x, t, text, mask = inputs()
     grads = []
     for flag in (False, True):
-        model = randomize_(make(gradient_checkpointing=flag)).train()
+        model = make(gradient_checkpointing=flag, attention_modes=("full",), text_conditioning=text_conditioning)
+        model = randomize_(model).train()
         model(x, t, text, mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
