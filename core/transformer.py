@@ -544,6 +544,13 @@ class SpacetimeDiT(nn.Module):
         if self.position is not None:
             h = h + self.position(grid, x.device).to(h.dtype)  # (T', S, D) broadcast over B
 
+        if self.config.text_conditioning == "joint":
+            # A joint model's text tokens go through every block: drop the columns that are padding
+            # in every prompt of the batch (prompts come padded to the encoder's max_length, 64 for
+            # MiniLM, against about 20 real tokens). Masked out, they changed nothing.
+            keep = text_mask.any(dim=0)  # (L,)
+            keep[0] = True  # a batch of empty prompts keeps one (masked) column
+            text_tokens, text_mask = text_tokens[:, keep], text_mask[:, keep]  # (B, L', text_dim), (B, L')
         c = self.t_embedder(t)  # (B, D)
         text = self.y_embedder(text_tokens)  # (B, L, D)
         if self.pool_embedder is not None:
