@@ -369,7 +369,7 @@ class JointAttention(nn.Module):
 class JointBlock(nn.Module):
     """SD3's MMDiT block: video and text tokens each have their own adaLN-Zero modulation
     (from the timestep embedding), projections and MLP, and attend together in one attention.
-    The last block (update_text False) leaves the text tokens as they are."""
+    With update_text False (LastJointBlock) the text tokens leave it as they came."""
 
     def __init__(self, cfg: DiTConfig, update_text: bool):
         super().__init__()
@@ -388,6 +388,9 @@ class JointBlock(nn.Module):
 
     def forward(self, x, c, text, text_mask, rope):
         """(video tokens, text tokens) after the block."""
+        return self._forward(x, c, text, text_mask, rope)
+
+    def _forward(self, x, c, text, text_mask, rope):
         B, T, S, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
         text_mod = self.text_adaLN_modulation(c).chunk(6 if self.update_text else 2, dim=1)  # (B, D) each
@@ -402,6 +405,18 @@ class JointBlock(nn.Module):
             h = modulate(self.text_norm3(text), text_shift_mlp, text_scale_mlp)  # (B, L, D)
             text = text + text_gate_mlp.unsqueeze(1) * self.text_mlp(h)  # (B, L, D)
         return x, text
+
+
+class LastJointBlock(JointBlock):
+    """The last joint block: its text tokens give keys and values only (nobody reads them after)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__(cfg, update_text=False)
+
+    def forward(self, x, c, text, text_mask, rope):
+        # Its own forward, not the inherited one: torch.compile keeps graphs per function, and
+        # this block's other weights' shapes would otherwise recompile the others' graphs.
+        return self._forward(x, c, text, text_mask, rope)
 
 
 class FinalLayer(nn.Module):
@@ -434,7 +449,7 @@ class SpacetimeDiT(nn.Module):
         self.rope = RotaryEmbedding3D(cfg.rope_dims, cfg.rope_theta)
         self.position = FractionalPositionEmbedding(D) if cfg.absolute_position else None
         if cfg.text_conditioning == "joint":
-            self.blocks = nn.ModuleList(JointBlock(cfg, update_text=i < cfg.depth - 1) for i in range(cfg.depth))
+            self.blocks = nn.ModuleList([*(JointBlock(cfg, update_text=True) for _ in range(cfg.depth - 1)), LastJointBlock(cfg)])
         else:
             self.blocks = nn.ModuleList(DiTBlock(cfg, mode) for mode in cfg.block_modes)
         self.final_layer = FinalLayer(cfg)
