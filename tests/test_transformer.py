@@ -122,7 +122,10 @@ def test_joint_blocks_carry_what_the_video_made_of_the_text_to_the_next_block():
         out, text_d = last(h, c, text, mask, rope)
         assert torch.equal(text_d, text) and not torch.allclose(out, h)  # the last block only reads the text
     assert not hasattr(last, "text_mlp") and last.attn.text_proj is None
-    # Columns that are padding in every prompt are dropped before the blocks, to the same output.
+
+
+def test_a_joint_model_drops_the_prompt_columns_that_are_padding_in_every_prompt():
+    model = randomize_(make(attention_modes=("full",), text_conditioning="joint")).eval()
     x, t, text, mask = inputs(L=4)
     mask[0, 3] = False
     padded_text = torch.cat([text, torch.randn(2, 60, TEXT_DIM)], dim=1)
@@ -132,8 +135,10 @@ def test_joint_blocks_carry_what_the_video_made_of_the_text_to_the_next_block():
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, padded_text, padded_mask), model(x, t, text, mask))
         model(x, t, padded_text, torch.zeros_like(padded_mask))  # empty prompts keep one masked column
-    assert seen == [4, 4, 1]
-    # Joint attention is one attention over all the tokens, so it needs full attention in every block.
+    assert seen == [4, 4, 1]  # the blocks saw only the columns where some prompt has a token
+
+
+def test_joint_text_conditioning_needs_full_attention_and_old_configs_stay_cross():
     with pytest.raises(ValueError, match='text_conditioning "joint" .* needs attention_modes \\["full"\\]'):
         DiTConfig(**{**TINY, "text_conditioning": "joint", "attention_modes": ("spatial", "full")})
     with pytest.raises(ValueError, match=r"text_conditioning must be one of \('cross', 'joint'\), got 'concat'"):
