@@ -51,7 +51,9 @@ def process_map(
     worker queued, so results never pile up ahead of the caller. A worker's exception is raised
     here, as it was raised there. The workers ignore Ctrl-C: on it this process stops handing out
     chunks, lets the workers finish the ones already handed to them (so none dies half-way
-    through writing a file; a second or so) and raises KeyboardInterrupt. Close the iterator (contextlib.closing) if you may stop early.
+    through writing a file; a second or so) and raises KeyboardInterrupt. A worker that dies
+    without an exception (stopped by the system) is a RuntimeError that says to use fewer
+    workers. Close the iterator (contextlib.closing) if you may stop early.
     """
     workers = check_workers(workers)
     items = list(items)

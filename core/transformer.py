@@ -273,7 +273,8 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     q: (B, heads, N, d); k, v: (B, heads, L, d); mask: bool, broadcastable to (B, heads, N, L),
     True where a query may see a key (every row needs one). A prompt is short (L = 64 tokens
     with MiniLM), so the (N, L) scores are small, and torch's CPU flash-attention backward is
-    5× slower in bf16 than this (benchmarks/bench_training.py).
+    5× slower in bf16 than this (benchmarks/bench_training.py). Joint attention uses it too,
+    over the video and text tokens together (keys N + L, a few hundred at most here).
     """
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, L)
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v  # (B, heads, N, d)
