@@ -14,7 +14,16 @@ from scipy import ndimage
 
 from skyloom.kinds import Captioner, PromptEnhancer
 from skyloom.registry import Registry
-from skyloom.shapes_analysis import analyse, canonical_caption, classify_motion, nearest_name
+from skyloom.shapes_analysis import (
+    SQUARE_CIRCLE_FILL,
+    TIE_MARGIN,
+    analyse,
+    canonical_caption,
+    classify_motion,
+    classify_shape,
+    corner_occupancy,
+    nearest_name,
+)
 from skyloom.shapes_world import BACKGROUNDS, COLOURS, DURATIONS, MOTIONS, SHAPES, SIZES
 from skyloom.video_io import read_video, write_video
 
@@ -181,6 +190,49 @@ def test_analyser_splits_overlapping_objects_by_colour(background, tmp_path):
         shape_right += sum(g[1] == w[1] for g, w in zip(coded, truth([mover, still])))
         shape_total += 2
     assert shape_right / shape_total >= 0.75
+
+
+@pytest.mark.parametrize("shape, low, high", [("circle", 0.0, 0.0), ("square", 1.0, 1.0), ("triangle", 0.25, 0.5)])
+def test_corner_occupancy_of_drawn_shapes(shape, low, high):
+    for size in (8, 14, 21):
+        alpha = np.pad(shape_mask(shape, size, size, size / 2, size / 2, size).astype(float), 2)
+        assert low <= corner_occupancy(alpha) <= high, (shape, size)  # a triangle: 1/3, coarser at 8 px
+    assert corner_occupancy(np.ones((4, 4))) is None  # every pixel centre lies inside the corner line
+    assert corner_occupancy(np.zeros((9, 9))) is None
+
+
+def test_square_or_circle_by_fill_and_corners():
+    assert classify_shape(0.85, 1 / 6, 0.5)[0] == "square"  # bowed sides, corners half covered
+    assert classify_shape(0.85, 1 / 6, 0.1)[0] == "circle"  # a blurred circle: empty corners
+    assert classify_shape(0.85, 1 / 6)[0] == "circle"  # no corners measured: the fill alone
+    assert classify_shape(0.97, 1 / 6, 0.9)[0] == "square"
+    assert classify_shape(0.60, 7 / 36, 0.6)[0] == "triangle"  # the fill's triangle stays one
+
+
+def bowed_square(size, bow):
+    """A square whose four sides curve inwards by `bow` pixels at their middles (hard edges)."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    u, v = 2 * xs / size - 1, 2 * ys / size - 1  # -1..1 across the box
+    inset = bow * 2 / size  # the sides' inset at their middles, in the same units
+    return (np.abs(u) <= 1 - inset * (1 - v**2)) & (np.abs(v) <= 1 - inset * (1 - u**2))
+
+
+def test_square_with_bowed_sides_and_soft_edges_reads_square():
+    """What the trained model draws for "square": bowed sides and blurred edges bring the
+    bounding-box fill under the fill-only line, and the corners still tell it from a circle
+    blurred the same way."""
+    for background, colour in (("black", "red"), ("navy", "yellow"), ("gray", "white")):
+        objects = {"square": bowed_square(22, 2.6), "circle": shape_mask("circle", 22, 22, 11, 11, 22)}
+        for shape, mask in objects.items():
+            frame = np.zeros((64, 64), float)
+            frame[20:42, 20:42] = mask
+            alpha = ndimage.gaussian_filter(frame, 1.0)[None, :, :, None]
+            clip = BACKGROUNDS[background] * (1 - alpha) + np.array(COLOURS[colour]) * alpha
+            clip = np.repeat(np.round(clip).astype(np.uint8), 9, axis=0)
+            (obj,) = analyse(clip, 8).objects
+            assert obj.shape == shape, (background, shape, obj.fill_ratio, obj.corner_occupancy)
+            if shape == "square":
+                assert obj.fill_ratio < SQUARE_CIRCLE_FILL - TIE_MARGIN  # the fill alone calls it a circle
 
 
 def test_analyser_ignores_specks_and_measures_flicker():
