@@ -64,7 +64,7 @@ TIE_MARGIN = 0.03
 # through the embedded model's autoencoder (docs/performance.md, "The analyser under-read
 # squares"). Drawn clean, a circle is (0.79, 0) and a square (1, 1).
 SQUARE_CIRCLE_CENTROIDS = {"square": (0.922, 0.552), "circle": (0.806, 0.159)}
-SQUARE_CIRCLE_SPREAD = (0.0235, 0.104)  # the two shapes' pooled standard deviations
+SQUARE_CIRCLE_SPREAD = (0.0233, 0.1043)  # the two shapes' pooled standard deviations
 # A box corner is the box outside its inscribed ellipse by this much (normalised radius²), so
 # that the soft rim of a blurred circle does not count as corner.
 CORNER_RADIUS2 = 1.2

@@ -147,10 +147,15 @@ def test_default_bundles_autoencoder_keeps_the_colours_and_motions_of_unseen_cli
     from benchmarks.eval_autoencoder import evaluate
 
     bundle = load_bundle(DEFAULT_MODEL_DIR, registry)
-    metrics = evaluate(bundle.video_autoencoder, count=9, seed=7)["metrics"]
+    report = evaluate(bundle.video_autoencoder, count=9, seed=7)
+    metrics = report["metrics"]
     assert metrics["background"] == 100.0
     assert metrics["colour"] >= 85 and metrics["motion"] >= 90, metrics  # measured: 93.75 and 100
     assert metrics["shape"] >= 60 and metrics["persistence"] >= 85, metrics  # measured: 75 and 93.75 (v4: 56.25 shape)
+    # The readings the analyser's square-or-circle rule was fitted on: a square's corners are covered.
+    readings = report["shape_readings"]
+    assert readings["square"]["corners"][0] > readings["circle"]["corners"][0] + 0.15, readings  # measured: 0.52, 0.26
+    assert readings["square"]["fill"][0] > readings["circle"]["fill"][0], readings  # measured: 0.91, 0.84
 
 
 def test_denoising_benchmark_ends_are_the_autoencoder_and_text_to_video():
