@@ -45,8 +45,8 @@ def evaluate(vae, count: int, seed: int, split: str = "all", **settings) -> dict
         analysis = analyse(reconstruct(vae, frames), scene.fps)
         records.append({"score": score(analysis, {"objects": scene.objects, "background": scene.background})})
         for want, j in zip(scene.objects, match(scene.objects, analysis.objects)):
-            found = analysis.objects[j] if j is not None else None
-            if found is not None and found.corner_occupancy is not None:
+            if j is not None and analysis.objects[j].corner_occupancy is not None:
+                found = analysis.objects[j]
                 readings.setdefault(want["shape"], []).append((found.fill_ratio, found.corner_occupancy))
     report = aggregate(records)
     report["shape_readings"] = {}

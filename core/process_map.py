@@ -66,20 +66,21 @@ def process_map(
         initializer=_start_worker,
     )
     try:
-        queued = collections.deque(executor.submit(_apply, fn, part) for part in itertools.islice(chunks, 2 * workers))
-        while queued:
-            try:
+        # A dead worker breaks the pool: whichever of result() and submit() comes next raises.
+        try:
+            queued = collections.deque(executor.submit(_apply, fn, part) for part in itertools.islice(chunks, 2 * workers))
+            while queued:
                 results = queued.popleft().result()
-            except BrokenProcessPool as error:
-                raise RuntimeError(
-                    "a worker process died without an error of its own (the system may have stopped it "
-                    "for lack of memory: check `dmesg` or the system log); run again with fewer workers, "
-                    "or 1 to work in this process"
-                ) from error
-            part = next(chunks, None)
-            if part is not None:
-                queued.append(executor.submit(_apply, fn, part))
-            yield from results
+                part = next(chunks, None)
+                if part is not None:
+                    queued.append(executor.submit(_apply, fn, part))
+                yield from results
+        except BrokenProcessPool as error:
+            raise RuntimeError(
+                "a worker process died without an error of its own (the system may have stopped it "
+                "for lack of memory: check `dmesg` or the system log); run again with fewer workers, "
+                "or 1 to work in this process"
+            ) from error
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
