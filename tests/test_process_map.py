@@ -67,7 +67,7 @@ def test_ctrl_c_stops_early_and_lets_running_items_finish(tmp_path):
     # Ctrl-C in a terminal signals the whole process group: the parent and its workers.
     script = tmp_path / "slow.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
         from pathlib import Path
         from skyloom.process_map import process_map
 
@@ -80,6 +80,8 @@ def test_ctrl_c_stops_early_and_lets_running_items_finish(tmp_path):
             return item
 
         if __name__ == "__main__":
+            # As in a terminal: a job started with & from a script inherits SIGINT ignored.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 for item in process_map(slow, range(200), 2, chunk=1):
                     print(item, flush=True)
