@@ -83,7 +83,7 @@ class ObjectAnalysis:
     motion_confidence: float
     rgb: tuple[int, int, int]  # median sRGB of its core pixels
     fill_ratio: float  # median soft area / bounding-box area
-    corner_occupancy: float | None  # median corner_occupancy; None for objects under 5 pixels a side
+    corner_occupancy: float | None  # median corner_occupancy; None where no frame's box has corners
     displacement: tuple[float, float]  # (dx / W, dy / H), first to last frame seen
     size: float  # median sqrt(area) in pixels
     track: tuple[tuple[int, float, float], ...] = field(repr=False)  # (frame, x, y) centroids
@@ -247,8 +247,8 @@ def _detect(frame: np.ndarray, background: np.ndarray, index: int) -> list[_Dete
 def corner_occupancy(alpha: np.ndarray) -> float | None:
     """Mean coverage of the corners of a shape's box: the part outside the inscribed ellipse by
     CORNER_RADIUS2. alpha: soft coverage in [0, 1] around one shape; its box is the rows and
-    columns covered more than half. Circle 0, square 1, triangle about 1/3; None for a box under
-    5 pixels a side, whose pixel centres all lie inside that line."""
+    columns covered more than half. Circle 0, square 1, triangle about 1/3; None when no pixel
+    centre lies outside that line (a box under 5 pixels both ways) or nothing is covered."""
     rows, cols = np.flatnonzero(alpha.max(axis=1) > 0.5), np.flatnonzero(alpha.max(axis=0) > 0.5)
     if len(rows) == 0 or len(cols) == 0:
         return None
