@@ -25,7 +25,8 @@ from skyloom.process_map import available_cpus
 from skyloom.registry import get_registry
 from skyloom.training import CAPTIONS, load_config, prepare_data
 
-SETTINGS = {"seed": 0, "min_travel": 0.5, "object_size": (0.3, 0.4), "gap": 6}  # the embedded recipe's data
+# recipe v19's data (configs/skyloom-tiny-shapes-gap.json), as docs/performance.md measured it
+SETTINGS = {"seed": 0, "min_travel": 0.5, "object_size": (0.3, 0.4), "gap": 6}
 
 
 def time_write(root: Path, count: int, workers: int) -> float:

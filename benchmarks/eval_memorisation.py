@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from skyloom.bundle import DEFAULT_MODEL_DIR, load_bundle
-from skyloom.datasets.shapes import GAP, read_manifest, write_dataset
+from skyloom.datasets.shapes import GAP, TWO_OBJECTS, read_manifest, write_dataset
 from skyloom.registry import get_registry
 from skyloom.video_io import read_video
 
@@ -29,7 +29,7 @@ def written_clips(root: Path, seed: int, count: int, shapes: dict) -> list[tuple
     """(frames, fps) of dataset clips 0 .. count-1 for `seed`, through the MP4 round trip training reads."""
     write_dataset(
         root, seed, count, crf=shapes.get("crf", 18), min_travel=shapes["min_travel"], object_size=tuple(shapes["object_size"]),
-        gap=shapes.get("gap", GAP),
+        gap=shapes.get("gap", GAP), two_objects=shapes.get("two_objects", TWO_OBJECTS),
     )
     return [(read_video(root / record["path"])[0], float(record.get("fps", 8))) for record in read_manifest(root)]
 

@@ -190,21 +190,23 @@ def check_config(config: dict, where: str = "config") -> None:
         raise TrainingError(f"{where}: give exactly one of data.path (a dataset directory) and data.shapes ({{\"seed\", \"count\"}})")
     if data["shapes"] is not None:
         shapes = data["shapes"]
-        keys = {"seed", "count", "crf", "min_travel", "object_size", "gap"}
+        keys = {"seed", "count", "crf", "min_travel", "object_size", "gap", "two_objects"}
         if not isinstance(shapes, dict) or set(shapes) - keys or "count" not in shapes:
             raise TrainingError(
                 f"{where}: data.shapes must be {{\"seed\": int, \"count\": int, \"crf\": int (optional), "
                 f"\"min_travel\": number (optional), \"object_size\": [smallest, largest] (optional), "
-                f"\"gap\": int (optional)}}, got {shapes!r}"
+                f"\"gap\": int (optional), \"two_objects\": number (optional)}}, got {shapes!r}"
             )
         from skyloom.datasets.shapes import (
-            GAP, MIN_TRAVEL, OBJECT_SIZE, DatasetError, check_gap, check_min_travel, check_object_size,
+            GAP, MIN_TRAVEL, OBJECT_SIZE, TWO_OBJECTS, DatasetError, check_gap, check_min_travel, check_object_size,
+            check_two_objects,
         )
 
         try:
             min_travel = check_min_travel(shapes.get("min_travel", MIN_TRAVEL))
             check_object_size(shapes.get("object_size", OBJECT_SIZE), min_travel)
             check_gap(shapes.get("gap", GAP))
+            check_two_objects(shapes.get("two_objects", TWO_OBJECTS))
         except DatasetError as error:
             raise TrainingError(f"{where}: data.shapes.{error}") from None
     _check_int(data["captions_per_clip"], f"{where}: data.captions_per_clip", 1)
@@ -286,7 +288,7 @@ def prepare_data(
     then each clip played backwards: reversed_clips), and re-caption them (cached in
     RUN_DIR/captions.jsonl, so a resumed run reads the same captions). workers: processes that
     make, read and caption the clips (skyloom.process_map); the result is the same for any number."""
-    from skyloom.datasets.shapes import GAP, MIN_TRAVEL, OBJECT_SIZE, read_manifest, write_dataset
+    from skyloom.datasets.shapes import GAP, MIN_TRAVEL, OBJECT_SIZE, TWO_OBJECTS, read_manifest, write_dataset
     from skyloom.video_io import VideoIOError
 
     data = config["data"]
@@ -296,7 +298,7 @@ def prepare_data(
         write_dataset(
             root, shapes.get("seed", 0), shapes["count"], crf=shapes.get("crf", 18), resume=True, progress=progress,
             min_travel=shapes.get("min_travel", MIN_TRAVEL), object_size=shapes.get("object_size", OBJECT_SIZE),
-            gap=shapes.get("gap", GAP), workers=workers,
+            gap=shapes.get("gap", GAP), two_objects=shapes.get("two_objects", TWO_OBJECTS), workers=workers,
         )
     else:
         root = base_dir / data["path"]

@@ -173,6 +173,23 @@ def test_rendered_pixels_match_the_spec(seed, args):
 
 
 @given(seed=seeds)
+def test_the_default_share_of_two_object_clips_draws_as_before_the_option(seed):
+    # Before two_objects, rng.integers(1, 3) chose 1 or 2 objects; the default must draw the same
+    # number and leave the generator where that draw did, so earlier datasets keep their clips.
+    before, now = np.random.default_rng(seed), np.random.default_rng(seed)
+    objects = int(before.integers(1, 3))
+    before_scene = sample_scene(before, size=(64, 64), frames=9, objects=objects)
+    assert sample_scene(now, size=(64, 64), frames=9) == before_scene
+
+
+@pytest.mark.parametrize("two_objects, low, high", [(0, 0, 0), (0.25, 0.15, 0.35), (0.75, 0.65, 0.85), (1, 1, 1)])
+def test_two_objects_is_the_share_of_clips_with_two_objects(two_objects, low, high):
+    counts = [len(scene.objects) for scene, _ in iter_dataset(4, 200, split="all", two_objects=two_objects)]
+    assert set(counts) <= {1, 2}
+    assert low <= counts.count(2) / len(counts) <= high
+
+
+@given(seed=seeds)
 def test_train_split_never_and_heldout_split_always_holds_a_held_out_object(seed):
     rng = np.random.default_rng(seed)
     for _ in range(40):
@@ -199,10 +216,10 @@ def test_write_dataset_writes_clips_matching_the_manifest(tmp_path):
     for record, (scene, truth) in zip(records, iter_dataset(3, 4)):
         assert set(record) == {
             "id", "path", "width", "height", "frames", "fps", "background", "objects", "split", "seed", "min_travel",
-            "object_size", "gap",
+            "object_size", "gap", "two_objects",
         }
         assert record["split"] == "train" and record["seed"] == 3 and record["min_travel"] == 0.25
-        assert record["object_size"] == [0.2, 0.3] and record["gap"] == 1
+        assert record["object_size"] == [0.2, 0.3] and record["gap"] == 1 and record["two_objects"] == 0.5
         assert record["objects"] == json.loads(json.dumps(shapes.clip_record(scene, record["id"], split="train", seed=3)["objects"]))
         frames, fps = read_video(tmp_path / "data" / record["path"])
         assert b" mbtree=0 " in (tmp_path / "data" / record["path"]).read_bytes()  # written reproducibly
@@ -237,14 +254,16 @@ def test_resume_after_an_interruption_equals_one_uninterrupted_run(tmp_path, mon
 
     with pytest.raises(DatasetError, match="not empty; pass resume=True"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all")
-    with pytest.raises(DatasetError, match=r"seed 7, split 'all', min_travel 0.25, object_size \[0.2, 0.3\] and gap 1, not seed 8"):
+    with pytest.raises(DatasetError, match=r"seed 7, split 'all', min_travel 0.25, object_size \[0.2, 0.3\], gap 1 and two_objects 0.5, not seed 8"):
         write_dataset(tmp_path / "cut", seed=8, count=5, split="all", resume=True)
     with pytest.raises(DatasetError, match="min_travel 0.25, .*, not seed 7, split 'all', min_travel 0.5,"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, min_travel=0.5)
-    with pytest.raises(DatasetError, match=r"object_size \[0.2, 0.3\] and gap 1, not .*, object_size \[0.3, 0.4\] and gap 1"):
+    with pytest.raises(DatasetError, match=r"object_size \[0.2, 0.3\], gap 1 and .*, not .*, object_size \[0.3, 0.4\], gap 1 and"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, object_size=(0.3, 0.4))
-    with pytest.raises(DatasetError, match=r"and gap 1, not .* and gap 4; use those"):
+    with pytest.raises(DatasetError, match=r", gap 1 and .*, not .*, gap 4 and two_objects 0.5; use those"):
         write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, gap=4)
+    with pytest.raises(DatasetError, match=r"and two_objects 0.5, not .* and two_objects 0.75; use those"):
+        write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True, two_objects=0.75)
     kept = {p.name: p.read_bytes() for p in (tmp_path / "cut" / "clips").iterdir()}
     assert sorted(kept) == ["000000.mp4", "000001.mp4", "000002.mp4"]  # no partial clip left behind
     write_dataset(tmp_path / "cut", seed=7, count=5, split="all", resume=True)
@@ -279,6 +298,8 @@ def test_workers_write_the_same_files(tmp_path):
         (lambda d: sample_scene(np.random.default_rng(0), size=(10, 10)), r"size \(10, 10\) is not a bucket; valid \(width, height\): 64x64, 80x48, 48x80"),
         (lambda d: sample_scene(np.random.default_rng(0), frames=10), "frames 10 is not a bucket; valid: 9, 17, 33"),
         (lambda d: sample_scene(np.random.default_rng(0), objects=3), "objects must be 1 or 2, got 3"),
+        (lambda d: write_dataset(d, 0, 2, two_objects=1.5), "two_objects must be a number from 0 to 1 .*got 1.5"),
+        (lambda d: sample_scene(np.random.default_rng(0), two_objects=True), "two_objects must be a number from 0 to 1 .*got True"),
         (lambda d: write_dataset(d, 0, 2, min_travel=0.1), "min_travel must be a number from 0.25 to 0.6 .*got 0.1"),
         (lambda d: iter_dataset(0, 2, min_travel="half"), "min_travel must be a number from 0.25 to 0.6 .*got 'half'"),
         (lambda d: write_dataset(d, 0, 2, object_size=(0.3, 0.2)),
@@ -334,7 +355,7 @@ def test_shapes_command(tmp_path):
     assert far.exit_code == 0, far.output
     assert [r["min_travel"] for r in read_manifest(edge)] == [0.5, 0.5]
     mixed = runner.invoke(shapes_command, [str(edge), "--count", "3", "--resume"])
-    assert mixed.exit_code == 1 and "min_travel 0.5, object_size [0.2, 0.3] and gap 1, not seed 0, split 'train', min_travel 0.25" in mixed.output
+    assert mixed.exit_code == 1 and "min_travel 0.5, object_size [0.2, 0.3], gap 1 and two_objects 0.5, not seed 0, split 'train', min_travel 0.25" in mixed.output
     too_far = runner.invoke(shapes_command, [str(tmp_path / "other"), "--min-travel", "0.9"])
     assert too_far.exit_code == 2 and "0.9 is not in the range 0.25<=x<=0.6" in too_far.output
 
@@ -346,12 +367,18 @@ def test_shapes_command(tmp_path):
         shorter = min(record["width"], record["height"])
         assert all(0.3 * shorter <= obj["size"] <= 0.4 * shorter for obj in record["objects"])
     smaller = runner.invoke(shapes_command, [str(big), "--count", "10", "--resume"])
-    assert smaller.exit_code == 1 and "object_size [0.3, 0.4] and gap 1, not seed 0" in smaller.output
+    assert smaller.exit_code == 1 and "object_size [0.3, 0.4], gap 1 and two_objects 0.5, not seed 0" in smaller.output
 
     spaced = tmp_path / "spaced"
     wide = runner.invoke(shapes_command, [str(spaced), "--count", "18", "--gap", "6", "--object-size", "0.3", "0.4"])
     assert wide.exit_code == 0, wide.output
     assert {r["gap"] for r in read_manifest(spaced)} == {6}
+    pairs = tmp_path / "pairs"
+    all_pairs = runner.invoke(shapes_command, [str(pairs), "--count", "9", "--two-objects", "1"])
+    assert all_pairs.exit_code == 0, all_pairs.output
+    assert [(r["two_objects"], len(r["objects"])) for r in read_manifest(pairs)] == [(1.0, 2)] * 9
+    too_many = runner.invoke(shapes_command, [str(tmp_path / "other"), "--two-objects", "1.2"])
+    assert too_many.exit_code == 2 and "1.2 is not in the range 0<=x<=1" in too_many.output
     too_wide = runner.invoke(shapes_command, [str(tmp_path / "other"), "--gap", "9"])
     assert too_wide.exit_code == 2 and "9 is not in the range 1<=x<=8" in too_wide.output
     too_big = runner.invoke(shapes_command, [str(tmp_path / "other"), "--object-size", "0.3", "0.5"])

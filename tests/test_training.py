@@ -445,6 +445,7 @@ def test_checkpoint_of_another_model_is_an_error(dataset, tmp_path):
         ({"data": {"path": None, "shapes": {"count": 3, "travel": 0.5}}}, r"data.shapes must be .*\"min_travel\": number"),
         ({"data": {"path": None, "shapes": {"count": 3, "object_size": [0.5, 0.6]}}}, r"data.shapes.object_size must be two numbers"),
         ({"data": {"path": None, "shapes": {"count": 3, "gap": 12}}}, r"data.shapes.gap must be a whole number of pixels from 1 to 8"),
+        ({"data": {"path": None, "shapes": {"count": 3, "two_objects": -0.5}}}, r"data.shapes.two_objects must be a number from 0 to 1"),
         ({"data": {"path": None, "shapes": {"count": 3, "min_travel": 0.6, "object_size": [0.3, 0.4]}}},
          r"data.shapes.object_size \[0.3, 0.4\]: a 25px object cannot travel min_travel 0.6"),
         ({"transformer_training": {"conditioning": {"sideways": 1.0}}}, "conditioning must map some of"),
@@ -741,16 +742,17 @@ def test_ctrl_c_checkpoints_and_resume_finishes(dataset, tmp_path):
     assert max(logged) == step  # nothing done after the last checkpoint went unrecorded or was lost
 
 
-def test_a_generated_dataset_keeps_min_travel_object_size_and_gap(dataset, tmp_path):
+def test_a_generated_dataset_keeps_min_travel_object_size_gap_and_two_objects(dataset, tmp_path):
     from skyloom.datasets.shapes import read_manifest
 
-    shapes = {"seed": 2, "count": 9, "min_travel": 0.5, "object_size": [0.3, 0.4], "gap": 6}
+    shapes = {"seed": 2, "count": 9, "min_travel": 0.5, "object_size": [0.3, 0.4], "gap": 6, "two_objects": 1}
     data = {**TINY["data"], "path": None, "shapes": shapes}
     (tmp_path / "run").mkdir()
     clips = training.prepare_data(load_config(_config_file(tmp_path, dataset, data=data)), tmp_path / "run", get_registry(), False, tmp_path)
     records = read_manifest(tmp_path / "run" / "data")
     assert len(clips) == len(records) == 9 and {r["min_travel"] for r in records} == {0.5}
-    assert all(r["object_size"] == [0.3, 0.4] and r["gap"] == 6 for r in records)
+    assert all(r["object_size"] == [0.3, 0.4] and r["gap"] == 6 and r["two_objects"] == 1 for r in records)
+    assert all(len(r["objects"]) == 2 for r in records)
     assert all(obj["size"] >= 0.3 * min(r["width"], r["height"]) for r in records for obj in r["objects"])
     moving = [(r, o) for r in records for o in r["objects"] if o["motion"] != "stays still"]
     assert moving

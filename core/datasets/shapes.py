@@ -19,7 +19,9 @@ Guarantees a consumer (the `shapes` captioner, the evaluation) may rely on:
   ever cut off; two boxes are `gap` pixels apart in every frame (`GAP`, 1, by default).
 - An object's box side is drawn from `object_size`, shares of the frame's shorter side: 0.20
   to 0.30 by default.
-- Clip i of a dataset depends only on (seed, i, split, min_travel, object_size, gap): `make_clip(seed, i)`.
+- A share `two_objects` of the clips (half by default) has two objects, the rest one.
+- Clip i of a dataset depends only on (seed, i, split, min_travel, object_size, gap, two_objects):
+  `make_clip(seed, i)`.
   Its size and duration cycle through every bucket of SIZES × DURATIONS, so any run of 9 clips holds each once.
 
     from skyloom.datasets.shapes import iter_dataset, write_dataset
@@ -65,6 +67,11 @@ GAP = 1  # background pixels always left between two objects' boxes, by default
 # reconstructions (docs/performance.md), and two of the largest objects still fit a 48-pixel side
 MAX_GAP = 8
 MAX_OBJECTS = 2
+TWO_OBJECTS = 0.5  # the share of clips with two objects, by default
+# Whether a clip has two objects is one draw of rng.integers(_PAIR_DRAWS): a power of two, so the
+# default share draws the top bit, the same draw as rng.integers(1, 3) that chose before the
+# option existed; every earlier dataset keeps its clips.
+_PAIR_DRAWS = 2**16
 MANIFEST = "manifest.jsonl"
 CLIPS = "clips"
 
@@ -168,13 +175,14 @@ def sample_scene(
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
     gap: int = GAP,
+    two_objects: float = TWO_OBJECTS,
 ) -> SceneSpec:
     """Draw one scene from `rng`.
 
     size: (width, height) from shapes_world.SIZES; frames: from DURATIONS; each drawn from rng if None.
     split: "train" never draws a held-out object (shapes_world.is_held_out), "heldout" always
     draws at least one, "all" draws anything.
-    objects: how many objects, 1 or 2 (drawn from rng if None).
+    objects: how many objects, 1 or 2 (if None: 2 for a share two_objects of draws, else 1).
     min_travel: the least share of the frame a moving object crosses (check_min_travel).
     object_size: (smallest, largest) box side, as shares of the shorter side (check_object_size).
     gap: background pixels always left between two objects' boxes (check_gap).
@@ -190,7 +198,8 @@ def sample_scene(
     elif frames not in DURATIONS:
         raise DatasetError(f"frames {frames!r} is not a bucket; valid: {', '.join(map(str, DURATIONS))}")
     if objects is None:
-        objects = int(rng.integers(1, MAX_OBJECTS + 1))
+        pair_from = round((1 - check_two_objects(two_objects)) * _PAIR_DRAWS)
+        objects = 2 if int(rng.integers(_PAIR_DRAWS)) >= pair_from else 1
     elif isinstance(objects, bool) or not isinstance(objects, (int, np.integer)) or not 1 <= objects <= MAX_OBJECTS:
         raise DatasetError(f"objects must be 1 or {MAX_OBJECTS}, got {objects!r}")
     width, height = (int(v) for v in size)
@@ -315,6 +324,14 @@ def check_gap(gap) -> int:
     return int(gap)
 
 
+def check_two_objects(two_objects) -> float:
+    if isinstance(two_objects, bool) or not isinstance(two_objects, (int, float)) or not 0 <= two_objects <= 1:
+        raise DatasetError(
+            f"two_objects must be a number from 0 to 1 (the share of clips with two objects), got {two_objects!r}"
+        )
+    return float(two_objects)
+
+
 def check_object_size(object_size, min_travel: float = MIN_TRAVEL) -> tuple[float, float]:
     """object_size as (smallest, largest), after checking that every bucket (shapes_world.SIZES)
     has a whole-pixel side in that range and room for its largest object to travel min_travel."""
@@ -351,35 +368,38 @@ def _sides(object_size: tuple[float, float], shorter: int) -> tuple[int, int]:
 
 def make_clip(
     seed: int, index: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP, two_objects: float = TWO_OBJECTS,
 ) -> tuple[SceneSpec, torch.Tensor]:
     """Clip `index` of the dataset for `seed`: (scene, frames). Depends on (seed, index, split,
-    min_travel, object_size, gap) only."""
+    min_travel, object_size, gap, two_objects) only."""
     rng = np.random.default_rng([_check_seed(seed), int(index)])
     size, frames = BUCKETS[index % len(BUCKETS)]
     scene = sample_scene(
-        rng, size=size, frames=frames, split=split, min_travel=min_travel, object_size=object_size, gap=gap
+        rng, size=size, frames=frames, split=split, min_travel=min_travel, object_size=object_size, gap=gap,
+        two_objects=two_objects,
     )
     return scene, render(scene)
 
 
 def iter_dataset(
     seed: int, count: int, *, split: str = "train", min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP, two_objects: float = TWO_OBJECTS,
 ) -> Iterator[tuple[SceneSpec, torch.Tensor]]:
     """(scene, frames) for clips 0 .. count-1, one at a time: only the current clip is in memory."""
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
-    min_travel, gap = check_min_travel(min_travel), check_gap(gap)
+    min_travel, gap, two_objects = check_min_travel(min_travel), check_gap(gap), check_two_objects(two_objects)
     object_size = check_object_size(object_size, min_travel)
     return (
-        make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size, gap=gap)
+        make_clip(
+            seed, index, split=split, min_travel=min_travel, object_size=object_size, gap=gap, two_objects=two_objects
+        )
         for index in range(count)
     )
 
 
 def clip_record(
     scene: SceneSpec, index: int, *, split: str, seed: int, min_travel: float = MIN_TRAVEL,
-    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP,
+    object_size: tuple[float, float] = OBJECT_SIZE, gap: int = GAP, two_objects: float = TWO_OBJECTS,
 ) -> dict:
     """The manifest line (ground truth) for clip `index`."""
     return {
@@ -402,6 +422,7 @@ def clip_record(
         "min_travel": min_travel,
         "object_size": list(object_size),
         "gap": gap,
+        "two_objects": two_objects,
     }
 
 
@@ -446,19 +467,20 @@ def write_dataset(
     min_travel: float = MIN_TRAVEL,
     object_size: tuple[float, float] = OBJECT_SIZE,
     gap: int = GAP,
+    two_objects: float = TWO_OBJECTS,
     workers: int = 1,
 ) -> Path:
     """Write clips 0 .. count-1 to out_dir/clips/NNNNNN.mp4 and their ground truth to out_dir/manifest.jsonl.
 
     Each clip is written atomically, then its manifest line is appended and flushed, so an
     interrupted run leaves only whole clips, each listed. resume=True continues such a run (same
-    seed, split, min_travel, object_size and gap): clips already in the manifest are kept, the rest are written, and
+    seed, split, min_travel, object_size, gap and two_objects): clips already in the manifest are kept, the rest are written, and
     the result equals an uninterrupted run. Without resume, out_dir must be empty or not exist.
     progress: show a tqdm bar on stderr. workers: processes that make and write the clips
     (skyloom.process_map); the files are the same for any number. Returns the manifest's path.
     """
     seed, count, split = _check_seed(seed), _check_count(count), _check_split(split)
-    min_travel, gap = check_min_travel(min_travel), check_gap(gap)
+    min_travel, gap, two_objects = check_min_travel(min_travel), check_gap(gap), check_two_objects(two_objects)
     object_size = check_object_size(object_size, min_travel)
     try:
         check_workers(workers)
@@ -484,13 +506,14 @@ def write_dataset(
             written = (
                 record.get("seed"), record.get("split"), record.get("min_travel", MIN_TRAVEL),
                 list(record.get("object_size", OBJECT_SIZE)), record.get("gap", GAP),
+                record.get("two_objects", TWO_OBJECTS),
             )
-            if written != (seed, split, min_travel, list(object_size), gap):
+            if written != (seed, split, min_travel, list(object_size), gap, two_objects):
                 raise DatasetError(
                     f"cannot resume in {out_dir}: it was written with seed {written[0]!r}, split {written[1]!r}, "
-                    f"min_travel {written[2]!r}, object_size {written[3]!r} and gap {written[4]!r}, not seed {seed}, "
-                    f"split {split!r}, min_travel {min_travel!r}, object_size {list(object_size)!r} and gap {gap!r}; "
-                    "use those, or another directory"
+                    f"min_travel {written[2]!r}, object_size {written[3]!r}, gap {written[4]!r} and two_objects "
+                    f"{written[5]!r}, not seed {seed}, split {split!r}, min_travel {min_travel!r}, object_size "
+                    f"{list(object_size)!r}, gap {gap!r} and two_objects {two_objects!r}; use those, or another directory"
                 )
             done.add(record["id"])
         if good != manifest.stat().st_size:  # drop a line the interrupted run left unfinished
@@ -501,7 +524,8 @@ def write_dataset(
 
     todo = [index for index in range(count) if index not in done]
     write_clip = functools.partial(
-        _write_clip, out_dir, seed=seed, split=split, crf=crf, min_travel=min_travel, object_size=object_size, gap=gap
+        _write_clip, out_dir, seed=seed, split=split, crf=crf, min_travel=min_travel, object_size=object_size, gap=gap,
+        two_objects=two_objects,
     )
     with open(manifest, "a", encoding="utf-8") as lines, tqdm(
         total=count, initial=count - len(todo), unit="clip", desc="shapes", disable=not progress, file=sys.stderr
@@ -515,13 +539,12 @@ def write_dataset(
 
 def _write_clip(
     out_dir: Path, index: int, *, seed: int, split: str, crf: int, min_travel: float, object_size: tuple[float, float],
-    gap: int,
+    gap: int, two_objects: float,
 ) -> dict:
     """Make clip `index`, write its video and return its manifest record (run in a worker)."""
-    scene, frames = make_clip(seed, index, split=split, min_travel=min_travel, object_size=object_size, gap=gap)
-    record = clip_record(
-        scene, index, split=split, seed=seed, min_travel=min_travel, object_size=object_size, gap=gap
-    )
+    options = dict(split=split, min_travel=min_travel, object_size=object_size, gap=gap, two_objects=two_objects)
+    scene, frames = make_clip(seed, index, **options)
+    record = clip_record(scene, index, seed=seed, **options)
     write_video(out_dir / record["path"], frames, scene.fps, crf=crf, reproducible=True)
     return record
 
@@ -542,12 +565,15 @@ def _write_clip(
                    f"{OBJECT_SIZE_LIMITS[1]}).")
 @click.option("--gap", type=click.IntRange(GAP, MAX_GAP), default=GAP, show_default=True,
               help="Background pixels always left between two objects' boxes.")
+@click.option("--two-objects", type=click.FloatRange(0, 1), default=TWO_OBJECTS, show_default=True,
+              help="Share of the clips with two objects; the rest have one.")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel, --object-size and --gap).")
+              help="Continue an interrupted run in OUT_DIR (same seed, split, --min-travel, --object-size, --gap and "
+                   "--two-objects).")
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True, help="H.264 quality (lower is better).")
 @click.option("--workers", type=click.IntRange(min=1), default=available_cpus, show_default="the cores this process may use",
               help="Processes that make the clips; the files are the same for any number.")
-def shapes_command(out_dir, count, seed, split, min_travel, object_size, gap, resume, crf, workers):
+def shapes_command(out_dir, count, seed, split, min_travel, object_size, gap, two_objects, resume, crf, workers):
     """Write COUNT shapes-world clips to OUT_DIR/clips and their ground truth to OUT_DIR/manifest.jsonl."""
     from skyloom.cli import SkyloomCLIError
     from skyloom.video_io import VideoIOError
@@ -558,7 +584,7 @@ def shapes_command(out_dir, count, seed, split, min_travel, object_size, gap, re
         before = len(read_manifest(manifest)) if resume and manifest.is_file() else 0
         write_dataset(
             out_dir, seed, count, split=split, crf=crf, resume=resume, progress=sys.stderr.isatty(),
-            min_travel=min_travel, object_size=object_size, gap=gap, workers=workers,
+            min_travel=min_travel, object_size=object_size, gap=gap, two_objects=two_objects, workers=workers,
         )
     except (DatasetError, VideoIOError, OSError) as error:
         raise SkyloomCLIError(str(error)) from None
