@@ -186,6 +186,7 @@ def sample_scene(
     min_travel: the least share of the frame a moving object crosses (check_min_travel).
     object_size: (smallest, largest) box side, as shares of the shorter side (check_object_size).
     gap: background pixels always left between two objects' boxes (check_gap).
+    two_objects: the share of scenes with two objects when `objects` is None (check_two_objects).
     """
     _check_split(split)
     if size is None:
