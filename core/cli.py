@@ -324,7 +324,7 @@ def verify(file, as_json):
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--run-dir", type=click.Path(path_type=Path), required=True, help="Directory for the run: data, captions, checkpoints, log.")
 @click.option("--out", "output", type=click.Path(path_type=Path), help="Model bundle to write (default: the config's \"output\").")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its latest checkpoint (a finished run writes its bundle again).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Minutes to train in this run; then checkpoint and stop (continue with --resume).")
 @click.option("--workers", type=click.IntRange(min=1), default=available_cpus, show_default="the cores this process may use",
               help="Processes that make, read and caption the clips; the weights are the same for any number.")
@@ -334,7 +334,9 @@ def train(config, run_dir, output, resume, time_limit, workers):
     With "init" in CONFIG both start from a trained bundle's weights (fine-tuning; with
     "init_transformer": false, only the autoencoder, and the transformer trains afresh). Ctrl-C (or
     --time-limit) finishes the current step, writes a checkpoint and stops; run the same command
-    with --resume to continue exactly where it stopped. docs/training.md has the config's keys.
+    with --resume to continue exactly where it stopped. A resume may change only the sampling
+    defaults that training does not read (sampler, steps, guidance, ...): a finished run then
+    writes its bundle again with the new ones. docs/training.md has the config's keys.
     """
     from skyloom.datasets.shapes import DatasetError
     from skyloom.training import StopRequested, TrainingError, load_config

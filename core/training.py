@@ -584,6 +584,7 @@ class Run:
         self.init_hash = init_hash  # the model hash of the init bundle, if the config names one
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.generator = torch.Generator().manual_seed(config["seed"])
+        self.started_config, self.bundle_only_changes = config, []
         self._open(resume)
 
     def _open(self, resume: bool) -> None:
@@ -597,12 +598,16 @@ class Run:
                 )
             # Over today's defaults, so that a key added since the run started is not a difference.
             stored = _merge(DEFAULTS, json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-            if _canonical(stored) != _canonical(self.config):
-                changed = sorted(_differences(stored, self.config))
+            changed = sorted(_differences(_run_identity(stored), _run_identity(self.config)))
+            if changed:
                 raise TrainingError(
                     f"cannot resume {self.dir}: the config differs from the one it was started with at {', '.join(changed)}; "
                     "use the original config, or a new --run-dir"
                 )
+            # Checkpoints carry the hash of the config the run started with, whatever defaults
+            # the bundle is written with now.
+            self.started_config = stored
+            self.bundle_only_changes = sorted(_differences(stored, self.config))
         elif self.dir.is_dir() and any(self.dir.iterdir()) and not resume:
             raise TrainingError(f"run directory {self.dir} is not empty and holds no run; give an empty or new --run-dir")
         init_path = self.dir / INIT
@@ -678,7 +683,7 @@ class Run:
             tensors["rng.train"] = self.generator.get_state()
             tensors["rng.torch"] = torch.get_rng_state()
             save_file(tensors, str(staging / "optimizer.safetensors"))
-            state = {"stage": stage, "step": step, "param_groups": groups, "config_sha256": _config_hash(self.config)}
+            state = {"stage": stage, "step": step, "param_groups": groups, "config_sha256": _config_hash(self.started_config)}
             (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
             if target.exists():
                 shutil.rmtree(target)
@@ -708,7 +713,7 @@ class Run:
                 f"checkpoint {path} is unreadable ({error}); delete it to resume from the one before, "
                 "or start a new --run-dir"
             ) from None
-        if state.get("stage") != stage or state.get("step") != step or state.get("config_sha256") != _config_hash(self.config):
+        if state.get("stage") != stage or state.get("step") != step or state.get("config_sha256") != _config_hash(self.started_config):
             raise TrainingError(f"checkpoint {path} belongs to another run or stage; delete it or use a new --run-dir")
         for target, tensors_of, label in ((module, model, "model"), (ema, shadow, "ema")):
             _load_exact(target, tensors_of, path / f"{label}.safetensors")
@@ -874,6 +879,20 @@ def _autoencoder_config_hash(config: dict, init_hash: str | None) -> str:
     if init_hash is not None:
         keys["init"] = init_hash
     return _config_hash(keys)
+
+
+def _trained_defaults(config: dict) -> dict:
+    """The sampling defaults that training reads too: the timestep shift, and the video size the
+    shift is scaled from (resolution_shift). The other defaults only go into the bundle's index."""
+    d = config["defaults"]
+    return {"shift": float(d.get("shift", 1.0)), "frames": d.get("frames", 17), "height": d.get("height", 64), "width": d.get("width", 64)}
+
+
+def _run_identity(config: dict) -> dict:
+    """What a resumed run must agree on: the whole config, except the defaults training does not
+    read (sampler, steps, guidance, ...), so that a finished run can write its bundle again with
+    new ones (skyloom train NEW-CONFIG --run-dir RUN --resume) instead of training again."""
+    return {**config, "defaults": _trained_defaults(config)}
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -1064,7 +1083,7 @@ def _transformer_loss(dit, captions_of: CaptionTable, latents, clips: list[Clip]
     kinds = list(settings["conditioning"])
     weights = torch.tensor([float(settings["conditioning"][k]) for k in kinds])
     mu, sigma = settings["logit_normal"]
-    base_shift = float(config["defaults"].get("shift", 1.0))
+    base_shift = _trained_defaults(config)["shift"]
 
     def loss(indices: list[int], generator: torch.Generator) -> torch.Tensor:
         B = len(indices)
@@ -1194,6 +1213,8 @@ def train(
     if init is not None:
         parts = "" if config["init_transformer"] else "the autoencoder "
         _say(f"starting {parts}from the weights of {init.path} ({init.name})")
+    if run.bundle_only_changes:
+        _say(f"the run started with other {', '.join(run.bundle_only_changes)}; training does not read them, the bundle gets the new ones")
     _say(f"run {run_dir} on {device}: preparing the data")
     clips = prepare_data(config, run_dir, registry, progress, base_dir, workers)
     buckets = [clip.bucket for clip in clips]
@@ -1268,8 +1289,8 @@ def train(
         dit.compile_blocks()  # the weights, the EMA copy and the bundle stay plain
     text_encoder = text_encoder.to(device) or text_encoder
     captions_of = CaptionTable(text_encoder, clips, progress, cache=run.dir / CAPTION_ENCODINGS, encoder_config=te_part)
-    d = config["defaults"]
-    base_latent = vae.latent_shape(d.get("frames", 17), d.get("height", 64), d.get("width", 64))
+    d = _trained_defaults(config)
+    base_latent = vae.latent_shape(d["frames"], d["height"], d["width"])
     base_tokens = dit_config.num_tokens(*base_latent[1:])
     dit_settings = config["transformer_training"]
     foreground_of = None
@@ -1314,7 +1335,7 @@ def write_bundle(config: dict, run: Run, output: Path, vae: nn.Module, dit: Spac
         "training": {"config": "training/config.json", "log": "training/log.jsonl"},
     }
     extra = {
-        "training/config.json": (run.dir / CONFIG).read_bytes(),
+        "training/config.json": (_canonical(config) + "\n").encode(),  # the run's, or it with new bundle-only defaults
         "training/log.jsonl": (run.dir / LOG).read_bytes() if (run.dir / LOG).is_file() else b"",
     }
     if init is not None:

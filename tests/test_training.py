@@ -393,6 +393,27 @@ def test_run_directory_guards(straight_run, dataset, tmp_path):
         _train(changed, run_dir, resume=True)
 
 
+def test_a_finished_run_writes_its_bundle_again_with_new_sampling_defaults(straight_run, dataset, tmp_path, capsys):
+    bundle_dir, run_dir = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    sampling = {"sampler": "heun", "steps": 12, "guidance": 2.0, "shift": 1.0, "frames": 17, "width": 64, "height": 64, "fps": 12}
+    path = _config_file(tmp_path, dataset, defaults=sampling)
+    again = _train(path, run, resume=True, output=tmp_path / "again")
+    assert "the run started with other defaults.fps, defaults.guidance, defaults.sampler, defaults.steps" in capsys.readouterr().err
+    expected, got = _weights(bundle_dir), _weights(again)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)  # not trained again
+    assert (run / "log.jsonl").read_bytes() == (run_dir / "log.jsonl").read_bytes()
+    assert json.loads((again / "model_index.json").read_text())["defaults"] == sampling
+    assert json.loads((again / "training" / "config.json").read_text()) == json.loads(json.dumps(load_config(path)))
+    assert (run / "config.json").read_bytes() == (run_dir / "config.json").read_bytes()  # the run's record stays
+    # The shift and the base size shape the training timesteps: changing them is another run.
+    for key, value in (("shift", 3.0), ("frames", 33), ("width", 80)):
+        changed = _config_file(tmp_path, dataset, defaults={**sampling, key: value})
+        with pytest.raises(TrainingError, match=f"differs from the one it was started with at defaults.{key}"):
+            _train(changed, run, resume=True, output=tmp_path / "refused")
+
+
 def test_a_run_from_before_a_new_config_key_resumes(dataset, tmp_path):
     path = _config_file(tmp_path, dataset)
     with pytest.raises(StopRequested):
