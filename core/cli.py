@@ -89,6 +89,9 @@ def _read_media(option: str, path: Path):
 @click.option("--steps", type=int, help="Sampling steps.")
 @click.option("--sampler", help="Sampler name (see `skyloom plugins`).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale (1 = no guidance).")
+@click.option("--guidance-interval", type=float, nargs=2, metavar="LOW HIGH",
+              help="Guide only the steps whose time t (1 = noise, 0 = data) lies in [LOW, HIGH], e.g. 0.3 1; "
+                   "0 1 guides every step (model default if omitted).")
 @click.option("--seed", type=int, help="Random seed (random if omitted; recorded with --json).")
 @click.option("--negative", default="", help="Negative prompt: what the video should not show.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
@@ -109,7 +112,7 @@ def _read_media(option: str, path: Path):
 @click.option("--include-prompt", is_flag=True, help="Put the prompt into the signed C2PA recipe (left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result record (everything but the frames) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, negative, model_dir, prompt_enhancer,
+def generate(prompt, output, frames, size, fps, steps, sampler, guidance, guidance_interval, seed, negative, model_dir, prompt_enhancer,
              conditions, video_path, strength, loop, upscale, crf, include_prompt, as_json, quiet):
     """Generate a video (or a single frame) from PROMPT and write it to --output."""
     from skyloom.bundle import BundleError
@@ -141,7 +144,7 @@ def generate(prompt, output, frames, size, fps, steps, sampler, guidance, seed, 
         pipeline = Pipeline.from_pretrained(model_dir, registry=registry, prompt_enhancer=enhancer)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, frames=frames, width=width, height=height,
-            fps=fps, steps=steps, guidance=guidance, seed=seed, sampler=sampler, upscale=upscale,
+            fps=fps, steps=steps, guidance=guidance, guidance_interval=guidance_interval, seed=seed, sampler=sampler, upscale=upscale,
             conditioning=tuple(conditioning), video=video, loop=loop, **extra,
         )
         result = pipeline(request, progress=not quiet and sys.stdout.isatty())
@@ -404,6 +407,8 @@ def _eval_settings(sizes: tuple[str, ...], frame_counts: tuple[str, ...]) -> lis
 @click.option("--steps", type=int, help="Sampling steps (model default if omitted).")
 @click.option("--sampler", help="Sampler name (model default if omitted; see `skyloom plugins`).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale (model default if omitted).")
+@click.option("--guidance-interval", type=float, nargs=2, metavar="LOW HIGH",
+              help="Guide only the steps whose time t (1 = noise, 0 = data) lies in [LOW, HIGH] (model default if omitted).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True, metavar="FILE",
               help="Write the report here (atomically); after Ctrl-C it holds what was evaluated, marked \"complete\": false.")
 @click.option("--videos", "videos_dir", type=click.Path(path_type=Path), metavar="DIR", help="Also save every generated clip as DIR/WxH_Tf/NNNN.mp4.")
@@ -411,7 +416,8 @@ def _eval_settings(sizes: tuple[str, ...], frame_counts: tuple[str, ...]) -> lis
 @click.option("--known-frames", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Give the model each clip's first N frames of the ground truth (as --reference draws it) and let it generate the rest: 1 scores image-to-video, more score extension; 0 is text-to-video.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; the table is still printed.")
-def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler, guidance, json_out, videos_dir, reference, known_frames, quiet):
+def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler, guidance, guidance_interval, json_out, videos_dir,
+                     reference, known_frames, quiet):
     """Measure prompt adherence: generate from a held-out prompt set and read each clip back with the shapes-world analyser.
 
     Prints one row per --size x --frames setting: colour, shape, motion, persistence, binding and
@@ -445,10 +451,11 @@ def evaluate_command(model_dir, count, seed, sizes, frame_counts, steps, sampler
             generate = ReferenceGenerator(prompts)
         else:
             pipeline = Pipeline.from_pretrained(model_dir, registry=_registry(), prompt_enhancer=DEFAULT)
+            options = {"steps": steps, "guidance": guidance, "guidance_interval": guidance_interval, "sampler": sampler}
             if known_frames:
-                generate = ContinuationGenerator(pipeline, prompts, known_frames, steps=steps, guidance=guidance, sampler=sampler)
+                generate = ContinuationGenerator(pipeline, prompts, known_frames, **options)
             else:
-                generate = pipeline_generator(pipeline, steps=steps, guidance=guidance, sampler=sampler)
+                generate = pipeline_generator(pipeline, **options)
             for setting in settings:  # every setting must be generable before any work
                 generate.check(*setting)
     except (RequestError, BundleError, UnknownPluginError, ValueError, OSError) as error:

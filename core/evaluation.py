@@ -235,14 +235,16 @@ class PipelineGenerator:
     default prompt_enhancer, as `skyloom generate` does), the bundle's default sampler, steps and
     guidance unless given here, no upscaling. Returns GenerationResults."""
 
-    def __init__(self, pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None):
+    def __init__(self, pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                 guidance_interval: tuple[float, float] | None = None):
         self.pipe, self.steps, self.guidance, self.sampler = pipe, steps, guidance, sampler
+        self.guidance_interval = guidance_interval
 
     def request(self, prompt: str, width: int, height: int, frames: int, seed: int):
         from skyloom.request import GenerationRequest
 
-        return GenerationRequest(prompt, frames=frames, width=width, height=height, seed=seed,
-                                 steps=self.steps, guidance=self.guidance, sampler=self.sampler)  # fmt: skip
+        return GenerationRequest(prompt, frames=frames, width=width, height=height, seed=seed, steps=self.steps,
+                                 guidance=self.guidance, guidance_interval=self.guidance_interval, sampler=self.sampler)  # fmt: skip
 
     def check(self, width: int, height: int, frames: int) -> None:
         """Raise RequestError (or UnknownPluginError) now if this setting cannot be generated."""
@@ -256,6 +258,7 @@ class PipelineGenerator:
             "sampler": self.sampler or (pipe.sampler if isinstance(pipe.sampler, str) else pipe.defaults.get("sampler", "euler")),
             "steps": self.steps if self.steps is not None else pipe.defaults.get("steps"),
             "guidance": self.guidance if self.guidance is not None else pipe.defaults.get("guidance"),
+            "guidance_interval": list(self.guidance_interval or pipe.defaults.get("guidance_interval", (0.0, 1.0))),
             "prompt_enhancer": pipe.prompt_enhancer[1]["name"] if pipe.prompt_enhancer else None,
             "device": str(pipe.device),
         }
@@ -292,9 +295,10 @@ class ContinuationGenerator(PipelineGenerator):
         return self.pipe(request, progress=False)
 
 
-def pipeline_generator(pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None) -> PipelineGenerator:
+def pipeline_generator(pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                       guidance_interval: tuple[float, float] | None = None) -> PipelineGenerator:
     """The Generator that scores `pipe` (a skyloom.pipeline.Pipeline); None keeps the bundle's default."""
-    return PipelineGenerator(pipe, steps=steps, guidance=guidance, sampler=sampler)
+    return PipelineGenerator(pipe, steps=steps, guidance=guidance, sampler=sampler, guidance_interval=guidance_interval)
 
 
 class ReferenceGenerator:

@@ -16,7 +16,7 @@ import inspect
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -30,7 +30,7 @@ from skyloom.bundle import DEFAULT_MODEL_DIR, ModelBundle, load_bundle
 from skyloom.provenance import ProvenanceSettings, write_signed_media
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
 from skyloom.registry import Registry, get_registry
-from skyloom.request import Conditioning, GenerationRequest, RequestError, last_latent_frame_start
+from skyloom.request import Conditioning, GenerationRequest, RequestError, check_guidance_interval, last_latent_frame_start
 from skyloom.sampling import classifier_free_guidance, resolution_shift
 from skyloom.video_io import resize_frames
 
@@ -246,11 +246,13 @@ class Pipeline:
     def _prepare(self, request: GenerationRequest) -> GenerationRequest:
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        defaults = {k: self.defaults[k] for k in ("frames", "width", "height", "fps", "steps", "guidance") if k in self.defaults}
+        keys = ("frames", "width", "height", "fps", "steps", "guidance", "guidance_interval")
+        defaults = {k: self.defaults[k] for k in keys if k in self.defaults}
         defaults["sampler"] = self.sampler if isinstance(self.sampler, str) else self.defaults.get("sampler", "euler")
         request = request.with_defaults(defaults)
         vae = self.bundle.video_autoencoder
         request.validate(spatial_multiple=vae.spatial_compression, temporal_multiple=vae.temporal_compression)
+        request = replace(request, guidance_interval=check_guidance_interval(request.guidance_interval))  # a JSON list: a tuple
         if self.sampler is None or isinstance(self.sampler, str):
             factory = self.registry.get("sampler", request.sampler).factory  # unknown names fail before any work
             try:
@@ -287,6 +289,7 @@ class Pipeline:
             "fps": request.fps,
             "steps": request.steps,
             "guidance": request.guidance,
+            "guidance_interval": list(request.guidance_interval),
             "upscale": request.upscale,
             "model": {"name": b.name, "path": str(b.path), "hash": b.model_hash, "trained": b.trained},
             "device": str(self.device),
@@ -489,9 +492,9 @@ class Pipeline:
                 timesteps = timesteps[first:]
                 start_time = float(timesteps[0])
                 sample = (1 - start_time) * start + start_time * noise  # x_t = (1 - t)·x_0 + t·noise
-            guided = request.guidance != 1.0
+            low, high = request.guidance_interval
             for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
-                if guided:
+                if request.guidance != 1.0 and low <= float(t) <= high:
                     x = sample.expand(2, -1, -1, -1, -1)
                     tt = torch.full((2,), float(t), device=self.device)
                     v = transformer(x, tt, tokens, mask, cond_latent.expand(2, -1, -1, -1, -1), cond_mask.expand(2, -1))
@@ -531,7 +534,7 @@ class Pipeline:
         rolled = torch.roll(frames, -m, dims=0)
         bridge = GenerationRequest(
             request.prompt, request.negative_prompt, frames=n, width=request.width, height=request.height,
-            steps=request.steps, guidance=request.guidance, seed=request.seed,
+            steps=request.steps, guidance=request.guidance, guidance_interval=request.guidance_interval, seed=request.seed,
             conditioning=(Conditioning(rolled[:1], 0), Conditioning(rolled[tail:], tail), *moved),
         )
         latent_shape = self.bundle.video_autoencoder.latent_shape(n, request.height, request.width)

@@ -4,7 +4,7 @@ The manifest (C2PA 2.x, signed with c2pa-python) carries:
 - a `c2pa.actions.v2` assertion with one `c2pa.created` action whose digitalSourceType is
   trainedAlgorithmicMedia: the IPTC term for "made by a generative model";
 - an `org.skyloom.recipe` assertion with the generation recipe (`recipe_from_record`): model
-  hash, sampler and its settings, seed, steps, guidance, size, frames, fps, plugin names and
+  hash, sampler and its settings, seed, steps, guidance and its interval, size, frames, fps, plugin names and
   versions, watermark payloads; the prompt only when the user opts in (`include_prompt`);
 - claim generator skyloom/<version>, and a hard binding (the BMFF hash) of every byte of the
   video, so changing one pixel of one frame makes the manifest invalid.
@@ -144,6 +144,9 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
         "seed": record["seed"],
         "steps": record["steps"],
         "guidance": record["guidance"],
+        # No arrays of numbers in the recipe: c2pa-rs reads one back as a byte string, mangled
+        # (contentauth/c2pa-rs#2570), so pairs are mappings and frame lists are runs.
+        "guidance_interval": dict(zip(("low", "high"), record.get("guidance_interval", (0.0, 1.0)))),
         "frames": record["frames"],
         "width": record["width"],
         "height": record["height"],
@@ -155,12 +158,31 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
         },
         "watermarks": list(record.get("watermarks") or []),
     }
-    for key in ("conditioning", "video_edit", "loop"):  # present only when the request used them
+    for key in ("conditioning", "video_edit"):  # present only when the request used them
         if record.get(key):
             recipe[key] = record[key]
+    if record.get("loop"):
+        loop = dict(record["loop"])
+        for key in ("kept_frames", "generated_frames"):  # runs of frames, not arrays of numbers (above)
+            if key in loop:
+                loop[key] = _runs(loop[key])
+        if "conditioning_moved_to" in loop:
+            loop["conditioning_moved_to"] = [{"start_frame": start} for start in loop["conditioning_moved_to"]]
+        recipe["loop"] = loop
     if include_prompt:
         recipe.update({key: record[key] for key in _PROMPT_FIELDS if key in record})
     return recipe
+
+
+def _runs(frames: list[int]) -> list[list[int]]:
+    """Sorted frame numbers as [first, last] runs: [0, 5, 6, 7, 8] -> [[0, 0], [5, 8]]."""
+    runs: list[list[int]] = []
+    for frame in sorted(frames):
+        if runs and frame == runs[-1][1] + 1:
+            runs[-1][1] = frame
+        else:
+            runs.append([frame, frame])
+    return runs
 
 
 def _skyloom_version() -> str:

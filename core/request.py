@@ -41,6 +41,10 @@ class GenerationRequest:
     fps: float | None = None
     steps: int | None = None
     guidance: float | None = None
+    # (low, high): guide only the steps whose time t (1 = noise, 0 = data) lies in [low, high];
+    # the others take the conditional prediction alone, one transformer pass instead of two
+    # (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). (0, 1) guides all.
+    guidance_interval: tuple[float, float] | None = None
     seed: int | None = None  # None: a random seed, recorded in the result
     sampler: str | None = None
     sampler_options: dict = field(default_factory=dict)
@@ -54,7 +58,8 @@ class GenerationRequest:
     upscale: int = 1  # resize the decoded frames by this factor (Lanczos) before writing
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
-        """Fill the None fields from a model's defaults and draw a seed if none was given."""
+        """Fill the None fields from a model's defaults, draw a seed if none was given, and guide
+        every step if neither says otherwise."""
         filled = {}
         for f in fields(self):
             if getattr(self, f.name) is None and f.name in defaults:
@@ -63,6 +68,8 @@ class GenerationRequest:
             filled["frames"] = self.video.shape[0]
         if self.seed is None and "seed" not in filled:
             filled["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
+        if self.guidance_interval is None and "guidance_interval" not in filled:
+            filled["guidance_interval"] = (0.0, 1.0)  # every step
         return replace(self, **filled)
 
     @property
@@ -112,6 +119,7 @@ class GenerationRequest:
         _check_float("fps", self.fps, 0.0, 240.0)
         _check_int("steps", self.steps, 1, 1000, "e.g. --steps 30")
         _check_float("guidance", self.guidance, 0.0, 100.0, inclusive_low=True)
+        check_guidance_interval(self.guidance_interval)
         _check_int("seed", self.seed, 0, 2**63 - 1, "any non-negative integer")
         _check_int("upscale", self.upscale, 1, 8, "e.g. --upscale 4 makes 64x64 into 256x256")
         if not isinstance(self.sampler_options, dict):
@@ -192,6 +200,18 @@ def _check_float(name, value, low, high, inclusive_low=False):
     if value > high or value < low or (value == low and not inclusive_low):
         bound = ">=" if inclusive_low else ">"
         raise RequestError(f"{name} must be {bound} {low} and <= {high}, got {value}")
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """`interval` as (low, high), or a RequestError unless it is two numbers with 0 <= low <= high <= 1."""
+    if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+        raise RequestError(f"guidance_interval must be two numbers (low, high) with 0 <= low <= high <= 1, got {interval!r}")
+    for value in interval:
+        _check_float("each end of guidance_interval", value, 0.0, 1.0, inclusive_low=True)
+    low, high = (float(v) for v in interval)
+    if low > high:
+        raise RequestError(f"guidance_interval {list(interval)} runs backwards: give (low, high) with low <= high, e.g. (0.3, 1)")
+    return low, high
 
 
 def parse_size(text: str) -> tuple[int, int]:

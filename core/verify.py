@@ -140,10 +140,13 @@ def format_report(report: dict) -> str:
             model = recipe.get("model") or {}
             sampler = recipe.get("sampler") or {}
             label = "recipe" if manifest["valid"] else "recipe (as the invalid manifest claims)"
+            interval = recipe.get("guidance_interval")
+            every_step = not isinstance(interval, dict) or (interval.get("low"), interval.get("high")) == (0.0, 1.0)
+            where = "" if every_step else f" for t in [{interval.get('low')}, {interval.get('high')}]"
             lines.append(
                 f"  {label}: model {model.get('name')} ({str(model.get('hash'))[:12]}), "
                 f"sampler {sampler.get('name') if isinstance(sampler, dict) else sampler}, seed {recipe.get('seed')}, "
-                f"{recipe.get('steps')} steps, guidance {recipe.get('guidance')}, "
+                f"{recipe.get('steps')} steps, guidance {recipe.get('guidance')}{where}, "
                 f"{recipe.get('width')}x{recipe.get('height')}, {recipe.get('frames')} frames at {recipe.get('fps')} fps"
             )
             if "prompt" in recipe:

@@ -24,6 +24,7 @@ def valid_requests(draw, spatial_multiple: int = 8):
         fps=draw(st.floats(1, 60)),
         steps=draw(st.integers(1, 100)),
         guidance=draw(st.floats(0, 20)),
+        guidance_interval=tuple(sorted(draw(st.lists(st.floats(0, 1), min_size=2, max_size=2)))),
         seed=draw(st.integers(0, 2**32)),
         sampler=draw(st.sampled_from(["euler", "heun"])),
     )

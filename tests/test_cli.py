@@ -34,6 +34,8 @@ def test_help_lists_the_commands():
         (["--steps", "0"], "steps must be between 1 and 1000"),
         (["--sampler", "warp-drive"], "unknown sampler 'warp-drive'; valid names: ddim, ddpm, dpmpp-2m, euler, heun"),
         (["--fps", "-1"], "fps must be > 0.0"),
+        (["--guidance-interval", "0.8", "0.2"], "guidance_interval [0.8, 0.2] runs backwards"),
+        (["--guidance-interval", "0", "2"], "each end of guidance_interval must be >= 0.0 and <= 1.0, got 2.0"),
     ],
 )
 def test_invalid_arguments_fail_with_one_line_and_write_nothing(tmp_path, args, message):
@@ -83,6 +85,16 @@ def test_generate_writes_the_requested_frames_and_size(tmp_path, name, frames, s
     assert set(record["stages"]) >= {"prompt_safety", "text_encoding", "sampling", "decoding", "writing"}
     assert record["stages"]["sampling"]["seconds"] >= 0 and record["stages"]["sampling"]["peak_rss_bytes"] > 0
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_guidance_interval_reaches_the_request_and_the_signed_recipe(tmp_path):
+    out = tmp_path / "out.mp4"
+    result = invoke("generate", "a red circle", "-o", str(out), "--size", "32x32", "--steps", "2", "--guidance-interval", "0.3", "1",
+                    "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["guidance_interval"] == [0.3, 1.0]
+    text = invoke("verify", str(out)).output
+    assert "guidance 3.0 for t in [0.3, 1.0]," in text
 
 
 def test_conditioning_video_edit_and_loop_options_reach_the_request(tmp_path):
@@ -234,6 +246,7 @@ def test_verify_signed_and_intact(signed_video):
     assert code == 0 and report["verdict"] == "signed_intact"
     assert report["manifest"]["present"] and report["manifest"]["valid"] and report["manifest"]["trusted"]
     assert report["manifest"]["recipe"]["seed"] == 4 and report["manifest"]["recipe"]["upscale"] == 4
+    assert report["manifest"]["recipe"]["guidance_interval"] == {"low": 0.0, "high": 1.0}
     assert "prompt" not in report["manifest"]["recipe"]  # only with --include-prompt
     payload = report["watermark"]["payload"]
     assert report["watermark"]["detected"] and len(payload) == 16

@@ -153,6 +153,26 @@ def test_guidance_one_skips_the_unconditional_branch(pipe, monkeypatch):
     assert set(calls) == {2}
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(pipe, monkeypatch):
+    calls = []
+    forward = pipe.bundle.transformer.forward
+    monkeypatch.setattr(pipe.bundle.transformer, "forward", lambda x, t, *a, **k: calls.append((x.shape[0], float(t[0]))) or forward(x, t, *a, **k))
+    result = pipe(small(steps=8, guidance=4.0, guidance_interval=(0.3, 0.9)))
+    assert result.record["guidance_interval"] == [0.3, 0.9]
+    assert len(calls) == 8 and {batch for batch, _ in calls} == {1, 2}
+    assert all((batch == 2) == (0.3 <= t <= 0.9) for batch, t in calls)
+    # No step inside: the conditional prediction alone at every step, as guidance 1 gives it.
+    unguided = pipe(small(steps=8, guidance=4.0, guidance_interval=(0.0, 0.0))).frames
+    assert torch.equal(unguided, pipe(small(steps=8, guidance=1.0)).frames)
+
+
+def test_guidance_interval_defaults_to_the_models_then_to_every_step(pipe, monkeypatch):
+    assert pipe(small()).record["guidance_interval"] == [0.0, 1.0]
+    monkeypatch.setitem(pipe.defaults, "guidance_interval", [0.5, 1])
+    assert pipe(small()).record["guidance_interval"] == [0.5, 1.0]
+    assert pipe(small(guidance_interval=(0.2, 0.4))).record["guidance_interval"] == [0.2, 0.4]
+
+
 def test_first_frame_conditioning_fixes_the_known_latent(pipe):
     image = torch.full((1, 32, 32, 3), 200, dtype=torch.uint8)
     result = pipe(small(conditioning=(Conditioning(image, 0),), frames=5))

@@ -76,6 +76,7 @@ def pipeline_record(prompt: str = PROMPT) -> dict:
         "fps": 8,
         "steps": 4,
         "guidance": 5.5,
+        "guidance_interval": [0.3, 1.0],
         "model": {"name": "skyloom-tiny", "path": "/home/someone/models/tiny", "hash": "ab12" * 16, "trained": False},
         "device": "cpu",
         "plugins": {
@@ -343,10 +344,16 @@ def test_write_signed_media_writes_a_signed_file_and_nothing_else(tmp_path, sett
     from skyloom.provenance import write_signed_media
 
     frames = flat_video()
-    out = write_signed_media(tmp_path / "clip.mp4", frames, 8, pipeline_record(), settings=settings, preset="ultrafast")
+    # A loop's record, whose lists of frames c2pa-rs would read back mangled as arrays of numbers.
+    record = {**pipeline_record(), "loop": {"rolled_by": 4, "kept_frames": [0, 5, 6, 7, 8], "generated_frames": [1, 2, 3, 4],
+                                            "conditioning_moved_to": [5]}}
+    out = write_signed_media(tmp_path / "clip.mp4", frames, 8, record, settings=settings, preset="ultrafast")
     assert out == tmp_path / "clip.mp4"
     report = read_manifest(out, settings=settings)
-    assert report.valid and report.recipe == recipe_from_record(pipeline_record(), include_prompt=False)
+    assert report.valid and report.recipe == recipe_from_record(record, include_prompt=False)
+    assert report.recipe["guidance_interval"] == {"low": 0.3, "high": 1.0}
+    assert report.recipe["loop"] == {"rolled_by": 4, "kept_frames": [[0, 0], [5, 8]], "generated_frames": [[1, 4]],
+                                     "conditioning_moved_to": [{"start_frame": 5}]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "config"]
 
     opted_in = ProvenanceSettings(config_dir=settings.config_dir, include_prompt=True)

@@ -24,6 +24,12 @@ def test_defaults_fill_only_missing_fields_and_a_seed_is_always_set(seed):
     request.validate(spatial_multiple=8)
 
 
+def test_guidance_interval_comes_from_the_request_then_the_defaults_then_covers_every_step():
+    assert GenerationRequest("x", guidance_interval=(0.3, 1.0)).with_defaults(DEFAULTS).guidance_interval == (0.3, 1.0)
+    assert GenerationRequest("x").with_defaults({**DEFAULTS, "guidance_interval": [0.5, 1]}).guidance_interval == [0.5, 1]
+    assert GenerationRequest("x").with_defaults(DEFAULTS).guidance_interval == (0.0, 1.0)
+
+
 @given(st.integers(-5, 0) | st.integers(MAX_FRAMES + 1, 10**6))
 def test_frame_count_out_of_range_is_named(frames):
     with pytest.raises(RequestError, match=f"frames must be between 1 and {MAX_FRAMES}, got {frames}"):
@@ -49,6 +55,11 @@ def test_size_off_the_grid_suggests_the_neighbours(width):
         ("steps", 0, "steps must be between 1 and 1000"),
         ("guidance", -1.0, "guidance must be >= 0.0"),
         ("seed", -3, "seed must be between 0"),
+        ("guidance_interval", (0.3,), r"guidance_interval must be two numbers \(low, high\)"),
+        ("guidance_interval", "0.3,1", r"guidance_interval must be two numbers \(low, high\)"),
+        ("guidance_interval", (0.0, 1.5), "each end of guidance_interval must be >= 0.0 and <= 1.0, got 1.5"),
+        ("guidance_interval", (float("nan"), 1.0), "each end of guidance_interval must be a finite number"),
+        ("guidance_interval", (0.8, 0.2), r"guidance_interval \[0.8, 0.2\] runs backwards"),
         ("sampler_options", [1], "sampler_options must be a dict"),
     ],
 )
