@@ -18,7 +18,8 @@ import torch
 from skyloom.bundle import DEFAULT_MODEL_DIR, load_bundle
 from skyloom.evaluation import DEFAULT_SETTING, ReferenceGenerator, aggregate, build_prompts, clip_seed, score
 from skyloom.registry import get_registry
-from skyloom.sampling import classifier_free_guidance, flow_time_grid
+from skyloom.request import check_guidance_interval
+from skyloom.sampling import classifier_free_guidance, flow_time_grid, guided_at
 from skyloom.shapes_analysis import analyse
 from skyloom.shapes_world import FPS
 from skyloom.training import DEFAULTS as TRAINING_DEFAULTS
@@ -32,10 +33,11 @@ def sampling_defaults(bundle) -> dict:
 @torch.no_grad()
 def denoise_from(bundle, frames: torch.Tensor, prompt: str, strength: float, seed: int, guidance: float | None = None) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> noised to `strength` in latent space, denoised (guidance: the
-    bundle's default if None), decoded, uint8."""
+    bundle's default if None; at the times of the bundle's guidance interval), decoded, uint8."""
     vae, transformer = bundle.video_autoencoder, bundle.transformer
     defaults = sampling_defaults(bundle)
     guidance = defaults["guidance"] if guidance is None else guidance
+    interval = check_guidance_interval(defaults.get("guidance_interval", (0.0, 1.0)))
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
     clean = vae.encode(video)  # (1, C, T', H', W') normalised
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
@@ -47,8 +49,12 @@ def denoise_from(bundle, frames: torch.Tensor, prompt: str, strength: float, see
     _, C, T, H, W = clean.shape
     nothing_known = (torch.zeros(2, C, T, H, W), torch.zeros(2, T))
     for t, t_next in zip(times[:-1], times[1:]):
-        v = transformer(sample.expand(2, -1, -1, -1, -1), torch.full((2,), t), emb.tokens, emb.mask, *nothing_known)
-        sample = sample + (t_next - t) * classifier_free_guidance(v[:1], v[1:], guidance)
+        if guided_at(t, guidance, interval):
+            v = transformer(sample.expand(2, -1, -1, -1, -1), torch.full((2,), t), emb.tokens, emb.mask, *nothing_known)
+            velocity = classifier_free_guidance(v[:1], v[1:], guidance)
+        else:
+            velocity = transformer(sample, torch.full((1,), t), emb.tokens[:1], emb.mask[:1], *(x[:1] for x in nothing_known))
+        sample = sample + (t_next - t) * velocity
     pixels = vae.decode(sample)[0].permute(1, 2, 3, 0)  # (T, H, W, 3) in [-1, 1]
     return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 

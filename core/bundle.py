@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from skyloom.kinds import TextEncoder, VideoAutoencoder
 from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
+from skyloom.request import RequestError, check_guidance_interval
 from skyloom.transformer import DiTConfig, SpacetimeDiT
 
 FORMAT = "skyloom-bundle"
@@ -115,6 +116,11 @@ def _validate_index(index: Any, where: Path | str) -> None:
         raise BundleError(f"{where}: 'init_seed' must be an integer")
     if not isinstance(index.get("defaults", {}), dict):
         raise BundleError(f"{where}: 'defaults' must be an object")
+    if "guidance_interval" in index.get("defaults", {}):  # else every request would fail on it
+        try:
+            check_guidance_interval(index["defaults"]["guidance_interval"])
+        except RequestError as error:
+            raise BundleError(f"{where}: defaults.{error}") from None
     if index.get("trained", False):
         unweighted = [key for key in WEIGHTED_COMPONENTS if not index[key].get("weights")]
         if unweighted:

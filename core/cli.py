@@ -90,8 +90,8 @@ def _read_media(option: str, path: Path):
 @click.option("--sampler", help="Sampler name (see `skyloom plugins`).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale (1 = no guidance).")
 @click.option("--guidance-interval", type=float, nargs=2, metavar="LOW HIGH",
-              help="Guide only the steps whose time t (1 = noise, 0 = data) lies in [LOW, HIGH], e.g. 0.3 1; "
-                   "0 1 guides every step (model default if omitted).")
+              help="Guide only the model evaluations at a time t (1 = noise, 0 = data) in [LOW, HIGH], e.g. 0.5 1 "
+                   "leaves the last, least noisy steps unguided; 0 1 guides every step (model default if omitted).")
 @click.option("--seed", type=int, help="Random seed (random if omitted; recorded with --json).")
 @click.option("--negative", default="", help="Negative prompt: what the video should not show.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model directory (default: the embedded model).")
@@ -408,7 +408,7 @@ def _eval_settings(sizes: tuple[str, ...], frame_counts: tuple[str, ...]) -> lis
 @click.option("--sampler", help="Sampler name (model default if omitted; see `skyloom plugins`).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale (model default if omitted).")
 @click.option("--guidance-interval", type=float, nargs=2, metavar="LOW HIGH",
-              help="Guide only the steps whose time t (1 = noise, 0 = data) lies in [LOW, HIGH] (model default if omitted).")
+              help="Guide only the model evaluations at a time t (1 = noise, 0 = data) in [LOW, HIGH] (model default if omitted).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("eval.json"), show_default=True, metavar="FILE",
               help="Write the report here (atomically); after Ctrl-C it holds what was evaluated, marked \"complete\": false.")
 @click.option("--videos", "videos_dir", type=click.Path(path_type=Path), metavar="DIR", help="Also save every generated clip as DIR/WxH_Tf/NNNN.mp4.")

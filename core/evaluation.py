@@ -232,8 +232,8 @@ Generator = Callable[[str, int, int, int, int], object]
 
 class PipelineGenerator:
     """A Generator over a Pipeline: the pipeline's plugins as constructed (build it with the
-    default prompt_enhancer, as `skyloom generate` does), the bundle's default sampler, steps and
-    guidance unless given here, no upscaling. Returns GenerationResults."""
+    default prompt_enhancer, as `skyloom generate` does), the bundle's default sampler, steps,
+    guidance and guidance interval unless given here, no upscaling. Returns GenerationResults."""
 
     def __init__(self, pipe, steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                  guidance_interval: tuple[float, float] | None = None):
@@ -251,14 +251,16 @@ class PipelineGenerator:
         self.pipe._prepare(self.request("check", width, height, frames, 0))
 
     def describe(self) -> dict:
-        """What generates: the model, sampler, steps, guidance and prompt enhancer in effect."""
+        """What generates: the model, sampler, steps, guidance (and its interval) and prompt enhancer in effect."""
+        from skyloom.request import check_guidance_interval
+
         pipe, bundle = self.pipe, self.pipe.bundle
         return {
             "model": {"name": bundle.name, "path": str(bundle.path), "hash": bundle.model_hash, "trained": bundle.trained},
             "sampler": self.sampler or (pipe.sampler if isinstance(pipe.sampler, str) else pipe.defaults.get("sampler", "euler")),
             "steps": self.steps if self.steps is not None else pipe.defaults.get("steps"),
             "guidance": self.guidance if self.guidance is not None else pipe.defaults.get("guidance"),
-            "guidance_interval": list(self.guidance_interval or pipe.defaults.get("guidance_interval", (0.0, 1.0))),
+            "guidance_interval": list(check_guidance_interval(self.guidance_interval or pipe.defaults.get("guidance_interval", (0.0, 1.0)))),
             "prompt_enhancer": pipe.prompt_enhancer[1]["name"] if pipe.prompt_enhancer else None,
             "device": str(pipe.device),
         }

@@ -31,7 +31,7 @@ from skyloom.provenance import ProvenanceSettings, write_signed_media
 from skyloom.kinds import Captioner, PromptEnhancer, SafetyDecision, SafetyFilter, Sampler, Watermarker
 from skyloom.registry import Registry, get_registry
 from skyloom.request import Conditioning, GenerationRequest, RequestError, check_guidance_interval, last_latent_frame_start
-from skyloom.sampling import classifier_free_guidance, resolution_shift
+from skyloom.sampling import classifier_free_guidance, guided_at, resolution_shift
 from skyloom.video_io import resize_frames
 
 STAGES = (
@@ -492,9 +492,8 @@ class Pipeline:
                 timesteps = timesteps[first:]
                 start_time = float(timesteps[0])
                 sample = (1 - start_time) * start + start_time * noise  # x_t = (1 - t)·x_0 + t·noise
-            low, high = request.guidance_interval
             for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
-                if request.guidance != 1.0 and low <= float(t) <= high:
+                if guided_at(t, request.guidance, request.guidance_interval):
                     x = sample.expand(2, -1, -1, -1, -1)
                     tt = torch.full((2,), float(t), device=self.device)
                     v = transformer(x, tt, tokens, mask, cond_latent.expand(2, -1, -1, -1, -1), cond_mask.expand(2, -1))

@@ -144,8 +144,8 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
         "seed": record["seed"],
         "steps": record["steps"],
         "guidance": record["guidance"],
-        # No arrays of numbers in the recipe: c2pa-rs reads one back as a byte string, mangled
-        # (contentauth/c2pa-rs#2570), so pairs are mappings and frame lists are runs.
+        # Not an array of numbers: c2pa-rs reads an array of numbers that is the value of a key
+        # back as a byte string, mangled (contentauth/c2pa-rs#2570). Frame lists below likewise.
         "guidance_interval": dict(zip(("low", "high"), record.get("guidance_interval", (0.0, 1.0)))),
         "frames": record["frames"],
         "width": record["width"],
@@ -174,14 +174,14 @@ def recipe_from_record(record: dict, *, include_prompt: bool) -> dict:
     return recipe
 
 
-def _runs(frames: list[int]) -> list[list[int]]:
-    """Sorted frame numbers as [first, last] runs: [0, 5, 6, 7, 8] -> [[0, 0], [5, 8]]."""
-    runs: list[list[int]] = []
+def _runs(frames: list[int]) -> list[dict]:
+    """Sorted frame numbers as runs: [0, 5, 6, 7, 8] -> [{"first": 0, "last": 0}, {"first": 5, "last": 8}]."""
+    runs: list[dict] = []
     for frame in sorted(frames):
-        if runs and frame == runs[-1][1] + 1:
-            runs[-1][1] = frame
+        if runs and frame == runs[-1]["last"] + 1:
+            runs[-1]["last"] = frame
         else:
-            runs.append([frame, frame])
+            runs.append({"first": frame, "last": frame})
     return runs
 
 

@@ -41,9 +41,9 @@ class GenerationRequest:
     fps: float | None = None
     steps: int | None = None
     guidance: float | None = None
-    # (low, high): guide only the steps whose time t (1 = noise, 0 = data) lies in [low, high];
-    # the others take the conditional prediction alone, one transformer pass instead of two
-    # (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). (0, 1) guides all.
+    # (low, high): guide only the model evaluations at a time t (1 = noise, 0 = data) in
+    # [low, high]; the others take the conditional prediction alone, one transformer pass instead
+    # of two (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). (0, 1): all.
     guidance_interval: tuple[float, float] | None = None
     seed: int | None = None  # None: a random seed, recorded in the result
     sampler: str | None = None
@@ -204,13 +204,16 @@ def _check_float(name, value, low, high, inclusive_low=False):
 
 def check_guidance_interval(interval) -> tuple[float, float]:
     """`interval` as (low, high), or a RequestError unless it is two numbers with 0 <= low <= high <= 1."""
-    if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+    if isinstance(interval, (str, bytes, dict)) or not hasattr(interval, "__len__") or len(interval) != 2:
         raise RequestError(f"guidance_interval must be two numbers (low, high) with 0 <= low <= high <= 1, got {interval!r}")
     for value in interval:
         _check_float("each end of guidance_interval", value, 0.0, 1.0, inclusive_low=True)
     low, high = (float(v) for v in interval)
     if low > high:
-        raise RequestError(f"guidance_interval {list(interval)} runs backwards: give (low, high) with low <= high, e.g. (0.3, 1)")
+        raise RequestError(
+            f"guidance_interval {list(interval)} runs backwards: give the lower time first, "
+            f"({high}, {low}) (--guidance-interval {high} {low})"
+        )
     return low, high
 
 

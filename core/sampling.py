@@ -116,6 +116,14 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
     return cond + (scale - 1) * (cond - uncond)
 
 
+def guided_at(t: float, guidance: float, interval: tuple[float, float]) -> bool:
+    """Whether a model evaluation at time t needs the unconditional branch: guidance is not 1
+    and t lies in interval = (low, high). The ends count as inside; the slack absorbs timesteps
+    stored in float32 (t = 0.7 is held as 0.69999999)."""
+    low, high = interval
+    return guidance != 1.0 and low - 1e-6 <= float(t) <= high + 1e-6
+
+
 # --- predictions from the velocity ------------------------------------------------------
 
 

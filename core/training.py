@@ -256,6 +256,13 @@ def check_config(config: dict, where: str = "config") -> None:
         DiTConfig.from_dict(config["transformer"])
     except (TypeError, ValueError) as error:
         raise TrainingError(f"{where}: transformer: {error}") from None
+    if "guidance_interval" in config["defaults"]:  # checked now, not by the bundle after hours of training
+        from skyloom.request import RequestError, check_guidance_interval
+
+        try:
+            check_guidance_interval(config["defaults"]["guidance_interval"])
+        except RequestError as error:
+            raise TrainingError(f"{where}: defaults.{error}") from None
 
 
 def _check_int(value, name: str, low: int) -> None:
@@ -602,7 +609,8 @@ class Run:
             if changed:
                 raise TrainingError(
                     f"cannot resume {self.dir}: the config differs from the one it was started with at {', '.join(changed)}; "
-                    "use the original config, or a new --run-dir"
+                    "use the original config (only the defaults training does not read, such as guidance, may change), "
+                    "or a new --run-dir"
                 )
             # Checkpoints carry the hash of the config the run started with, whatever defaults
             # the bundle is written with now.

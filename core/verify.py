@@ -142,7 +142,7 @@ def format_report(report: dict) -> str:
             label = "recipe" if manifest["valid"] else "recipe (as the invalid manifest claims)"
             interval = recipe.get("guidance_interval")
             every_step = not isinstance(interval, dict) or (interval.get("low"), interval.get("high")) == (0.0, 1.0)
-            where = "" if every_step else f" for t in [{interval.get('low')}, {interval.get('high')}]"
+            where = "" if every_step or recipe.get("guidance") == 1 else f" for t in [{interval.get('low')}, {interval.get('high')}]"
             lines.append(
                 f"  {label}: model {model.get('name')} ({str(model.get('hash'))[:12]}), "
                 f"sampler {sampler.get('name') if isinstance(sampler, dict) else sampler}, seed {recipe.get('seed')}, "

@@ -278,6 +278,7 @@ def test_invalid_json_names_the_file(tmp_path, registry):
         (dict(video_autoencoder={"config": {}}), "video_autoencoder.plugin"),
         (dict(trained=True), 'marked "trained": true but video_autoencoder, transformer has no'),
         (dict(init_seed="zero"), "init_seed"),
+        (dict(defaults={"guidance_interval": [0.9, 0.1]}), r"model_index.json: defaults.guidance_interval \[0.9, 0.1\] runs backwards"),
     ],
 )
 def test_malformed_index_is_refused(tmp_path, registry, overrides, match):

@@ -228,7 +228,7 @@ def run_eval(*args):
 def test_eval_command_prints_the_table_and_writes_the_report(tiny_model, tmp_path):
     out, videos = tmp_path / "eval.json", tmp_path / "clips"
     result = run_eval("--model", tiny_model, "--count", 3, "--steps", 2, "--size", "64x64,80x48", "--frames", 9,
-                      "--json-out", out, "--videos", videos)  # fmt: skip
+                      "--guidance-interval", "0.5", "1", "--json-out", out, "--videos", videos)  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["setting", "prompts", "colour"]
@@ -238,6 +238,7 @@ def test_eval_command_prints_the_table_and_writes_the_report(tiny_model, tmp_pat
     assert {"format", "format_version", "complete", "generator", "prompt_set", "settings", "prompts", "records"} <= set(report)
     assert report["complete"] is True and len(report["records"]) == 6
     assert report["generator"]["steps"] == 2 and report["generator"]["sampler"] == "euler"
+    assert report["generator"]["guidance_interval"] == [0.5, 1.0]
     assert report["generator"]["model"]["name"] == "eval-tiny" and report["generator"]["model"]["trained"] is False
     assert report["prompt_set"] == {"count": 3, "seed": 0, "one_object": 2, "two_objects": 1,
                                     "held_out": sum(p.held_out for p in build_prompts(3)), "enough_for_targets": False}  # fmt: skip
@@ -258,6 +259,7 @@ def test_eval_command_prints_the_table_and_writes_the_report(tiny_model, tmp_pat
         (["--size", "64x64,60x64"], "error: width 60 is not a multiple of 8"),
         (["--frames", "17,x"], "error: --frames: 'x' is not a whole number of frames"),
         (["--sampler", "warp-drive"], "error: unknown sampler 'warp-drive'"),
+        (["--guidance-interval", "1", "0.5"], "error: guidance_interval [1.0, 0.5] runs backwards: give the lower time first"),
         (["--json-out", "missing/eval.json"], "error: --json-out missing/eval.json: directory"),
         (["--frames", "9", "--known-frames", "9"], "error: --known-frames 9 leaves nothing to generate in 9-frame clips"),
         (["--known-frames", "1", "--reference"], "error: --reference and --known-frames exclude each other"),

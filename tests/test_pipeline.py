@@ -153,17 +153,23 @@ def test_guidance_one_skips_the_unconditional_branch(pipe, monkeypatch):
     assert set(calls) == {2}
 
 
-def test_guidance_interval_guides_only_the_steps_inside_it(pipe, monkeypatch):
+@pytest.mark.parametrize("sampler, guided", [("euler", [1.0, 0.9, 0.8, 0.7]), ("heun", [1.0, 0.9, 0.9, 0.8, 0.8, 0.7, 0.7])])
+def test_guidance_interval_guides_only_the_evaluations_inside_it(pipe, monkeypatch, sampler, guided):
     calls = []
     forward = pipe.bundle.transformer.forward
     monkeypatch.setattr(pipe.bundle.transformer, "forward", lambda x, t, *a, **k: calls.append((x.shape[0], float(t[0]))) or forward(x, t, *a, **k))
-    result = pipe(small(steps=8, guidance=4.0, guidance_interval=(0.3, 0.9)))
-    assert result.record["guidance_interval"] == [0.3, 0.9]
-    assert len(calls) == 8 and {batch for batch, _ in calls} == {1, 2}
-    assert all((batch == 2) == (0.3 <= t <= 0.9) for batch, t in calls)
-    # No step inside: the conditional prediction alone at every step, as guidance 1 gives it.
-    unguided = pipe(small(steps=8, guidance=4.0, guidance_interval=(0.0, 0.0))).frames
-    assert torch.equal(unguided, pipe(small(steps=8, guidance=1.0)).frames)
+    # A uniform grid of 10 steps: t = 1, 0.9, ..., 0.1, held in float32 (0.7 as 0.69999999), ends included.
+    result = pipe(small(steps=10, sampler=sampler, sampler_options={"shift": 1.0}, guidance=4.0, guidance_interval=(0.7, 1.0)))
+    assert result.record["guidance_interval"] == [0.7, 1.0]
+    assert [t for batch, t in calls if batch == 2] == pytest.approx(guided)
+    assert all(t < 0.7 for batch, t in calls if batch == 1) and len(calls) == (10 if sampler == "euler" else 19)
+
+
+def test_no_evaluation_inside_the_guidance_interval_is_guidance_one(pipe):
+    # The conditional prediction alone at every step, as guidance 1 gives it; so too in a loop's second pass.
+    for loop in (False, True):
+        unguided = pipe(small(frames=9, steps=4, guidance=4.0, guidance_interval=(0.0, 0.0), loop=loop)).frames
+        assert torch.equal(unguided, pipe(small(frames=9, steps=4, guidance=1.0, loop=loop)).frames)
 
 
 def test_guidance_interval_defaults_to_the_models_then_to_every_step(pipe, monkeypatch):

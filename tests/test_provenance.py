@@ -352,7 +352,8 @@ def test_write_signed_media_writes_a_signed_file_and_nothing_else(tmp_path, sett
     report = read_manifest(out, settings=settings)
     assert report.valid and report.recipe == recipe_from_record(record, include_prompt=False)
     assert report.recipe["guidance_interval"] == {"low": 0.3, "high": 1.0}
-    assert report.recipe["loop"] == {"rolled_by": 4, "kept_frames": [[0, 0], [5, 8]], "generated_frames": [[1, 4]],
+    runs = lambda *pairs: [{"first": a, "last": b} for a, b in pairs]  # noqa: E731
+    assert report.recipe["loop"] == {"rolled_by": 4, "kept_frames": runs((0, 0), (5, 8)), "generated_frames": runs((1, 4)),
                                      "conditioning_moved_to": [{"start_frame": 5}]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "config"]
 

@@ -57,9 +57,10 @@ def test_size_off_the_grid_suggests_the_neighbours(width):
         ("seed", -3, "seed must be between 0"),
         ("guidance_interval", (0.3,), r"guidance_interval must be two numbers \(low, high\)"),
         ("guidance_interval", "0.3,1", r"guidance_interval must be two numbers \(low, high\)"),
+        ("guidance_interval", {"low": 0.3, "high": 1.0}, r"guidance_interval must be two numbers \(low, high\)"),
         ("guidance_interval", (0.0, 1.5), "each end of guidance_interval must be >= 0.0 and <= 1.0, got 1.5"),
         ("guidance_interval", (float("nan"), 1.0), "each end of guidance_interval must be a finite number"),
-        ("guidance_interval", (0.8, 0.2), r"guidance_interval \[0.8, 0.2\] runs backwards"),
+        ("guidance_interval", (0.8, 0.2), r"guidance_interval \[0.8, 0.2\] runs backwards: give the lower time first, \(0.2, 0.8\)"),
         ("sampler_options", [1], "sampler_options must be a dict"),
     ],
 )

@@ -19,6 +19,7 @@ from skyloom.bundle import BundleError, load_bundle, save_bundle
 from skyloom.cli import main
 from skyloom.datasets.shapes import iter_dataset, write_dataset
 from skyloom.registry import get_registry
+from skyloom.training import DEFAULTS as TRAINING_DEFAULTS
 from skyloom.training import (
     BucketBatches,
     CaptionTable,
@@ -412,6 +413,22 @@ def test_a_finished_run_writes_its_bundle_again_with_new_sampling_defaults(strai
         changed = _config_file(tmp_path, dataset, defaults={**sampling, key: value})
         with pytest.raises(TrainingError, match=f"differs from the one it was started with at defaults.{key}"):
             _train(changed, run, resume=True, output=tmp_path / "refused")
+
+
+def test_a_run_resumed_with_new_sampling_defaults_still_resumes_exactly(straight_run, dataset, tmp_path):
+    # Checkpoints written after such a resume carry the hash of the config the run started with.
+    bundle_dir, _ = straight_run
+    path = _config_file(tmp_path, dataset)
+    with pytest.raises(StopRequested):
+        _train(path, tmp_path / "run", time_limit_s=1e-9)
+    (tmp_path / "changed").mkdir()
+    changed = _config_file(tmp_path / "changed", dataset, defaults={**TRAINING_DEFAULTS["defaults"], "guidance": 2.0})
+    for _ in range(3):  # each stops after one step and writes a checkpoint
+        with pytest.raises(StopRequested):
+            _train(changed, tmp_path / "run", resume=True, time_limit_s=1e-9)
+    resumed = _train(changed, tmp_path / "run", resume=True)
+    expected, got = _weights(bundle_dir), _weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_a_run_from_before_a_new_config_key_resumes(dataset, tmp_path):
