@@ -89,8 +89,8 @@ def test_generate_writes_the_requested_frames_and_size(tmp_path, name, frames, s
 
 def test_guidance_interval_reaches_the_request_and_the_signed_recipe(tmp_path):
     out = tmp_path / "out.mp4"
-    result = invoke("generate", "a red circle", "-o", str(out), "--size", "32x32", "--steps", "2", "--guidance-interval", "0.3", "1",
-                    "--json", "-q")
+    result = invoke("generate", "a red circle", "-o", str(out), "--size", "32x32", "--steps", "2", "--guidance", "3",
+                    "--guidance-interval", "0.3", "1", "--json", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["guidance_interval"] == [0.3, 1.0]
     text = invoke("verify", str(out)).output
@@ -229,7 +229,8 @@ def signed_video(tmp_path_factory):
 
     marker = get_registry().create("watermarker", "spreadspectrum")
     pipe = Pipeline.from_pretrained(device="cpu", watermarkers=[], audit_log=None)
-    result = pipe(GenerationRequest("a blue square moves up", frames=12, width=64, height=64, steps=1, seed=4, upscale=4))
+    result = pipe(GenerationRequest("a blue square moves up", frames=12, width=64, height=64, steps=1, seed=4, upscale=4,
+                                    guidance_interval=(0.25, 1.0)))
     payload = bytes.fromhex(result.record["model"]["hash"][:8]) + bytes([1, 2, 3, 4])
     result.frames = marker.embed(scene(seed=7, frames=12), payload)
     result.record["watermarks"] = [{"watermarker": "spreadspectrum", "payload": payload.hex()}]
@@ -246,7 +247,7 @@ def test_verify_signed_and_intact(signed_video):
     assert code == 0 and report["verdict"] == "signed_intact"
     assert report["manifest"]["present"] and report["manifest"]["valid"] and report["manifest"]["trusted"]
     assert report["manifest"]["recipe"]["seed"] == 4 and report["manifest"]["recipe"]["upscale"] == 4
-    assert report["manifest"]["recipe"]["guidance_interval"] == {"low": 0.0, "high": 1.0}
+    assert report["manifest"]["recipe"]["guidance_interval"] == {"low": 0.25, "high": 1.0}
     assert "prompt" not in report["manifest"]["recipe"]  # only with --include-prompt
     payload = report["watermark"]["payload"]
     assert report["watermark"]["detected"] and len(payload) == 16
