@@ -41,10 +41,6 @@ class GenerationRequest:
     fps: float | None = None
     steps: int | None = None
     guidance: float | None = None
-    # (low, high): guide only the model evaluations at a time t (1 = noise, 0 = data) in
-    # [low, high]; the others take the conditional prediction alone, one transformer pass instead
-    # of two (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). (0, 1): all.
-    guidance_interval: tuple[float, float] | None = None
     seed: int | None = None  # None: a random seed, recorded in the result
     sampler: str | None = None
     sampler_options: dict = field(default_factory=dict)
@@ -56,6 +52,11 @@ class GenerationRequest:
     strength: float = 0.8
     loop: bool = False  # the last frame leads back into the first: the video plays as a loop
     upscale: int = 1  # resize the decoded frames by this factor (Lanczos) before writing
+    # (low, high): guide only the model evaluations at a time t (1 = noise, 0 = data) in
+    # [low, high]; the others take the conditional prediction alone, one transformer pass instead
+    # of two (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). (0, 1): all.
+    # The last field, so that positional arguments keep their places.
+    guidance_interval: tuple[float, float] | None = None
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
         """Fill the None fields from a model's defaults, draw a seed if none was given, and guide
