@@ -605,8 +605,9 @@ class Run:
                 )
             # Over today's defaults, so that a key added since the run started is not a difference.
             stored = _merge(DEFAULTS, json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-            changed = sorted(_differences(_run_identity(stored), _run_identity(self.config)))
-            if changed:
+            identity, started = _run_identity(self.config), _run_identity(stored)
+            if _canonical(identity) != _canonical(started):  # as JSON: 1 and 1.0 differ, as they did when hashed
+                changed = sorted(_differences(started, identity)) or ["a number's type (such as 1 against 1.0)"]
                 raise TrainingError(
                     f"cannot resume {self.dir}: the config differs from the one it was started with at {', '.join(changed)}; "
                     "use the original config (only the defaults training does not read, such as guidance, may change), "

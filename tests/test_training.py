@@ -392,6 +392,10 @@ def test_run_directory_guards(straight_run, dataset, tmp_path):
     changed = _config_file(tmp_path, dataset, seed=5)
     with pytest.raises(TrainingError, match="differs from the one it was started with at seed"):
         _train(changed, run_dir, resume=True)
+    # grad_clip 1.0 when the run started; 1 hashes differently, so it is another config.
+    retyped = _config_file(tmp_path, dataset, transformer_training={**TINY["transformer_training"], "grad_clip": 1})
+    with pytest.raises(TrainingError, match=r"at a number's type \(such as 1 against 1.0\)"):
+        _train(retyped, run_dir, resume=True)
 
 
 def test_a_finished_run_writes_its_bundle_again_with_new_sampling_defaults(straight_run, dataset, tmp_path, capsys):
