@@ -893,8 +893,9 @@ def _autoencoder_config_hash(config: dict, init_hash: str | None) -> str:
 def _trained_defaults(config: dict) -> dict:
     """The sampling defaults that training reads too: the timestep shift, and the video size the
     shift is scaled from (resolution_shift). The other defaults only go into the bundle's index."""
-    d = config["defaults"]
-    return {"shift": float(d.get("shift", 1.0)), "frames": d.get("frames", 17), "height": d.get("height", 64), "width": d.get("width", 64)}
+    given, fallback = config["defaults"], DEFAULTS["defaults"]  # a config's "defaults" replaces the section whole
+    trained = {key: given.get(key, fallback[key]) for key in ("shift", "frames", "height", "width")}
+    return {**trained, "shift": float(trained["shift"])}
 
 
 def _run_identity(config: dict) -> dict:
