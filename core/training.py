@@ -59,6 +59,7 @@ from skyloom.bundle import FORMAT, FORMAT_VERSION, BundleError, ModelBundle, loa
 from skyloom.kinds import Captioner
 from skyloom.process_map import check_workers, process_map
 from skyloom.registry import Registry, UnknownKindError, UnknownPluginError
+from skyloom.request import RequestError, check_guidance_interval
 from skyloom.sampling import resolution_shift, shift_time
 from skyloom.transformer import DiTConfig, SpacetimeDiT
 
@@ -257,8 +258,6 @@ def check_config(config: dict, where: str = "config") -> None:
     except (TypeError, ValueError) as error:
         raise TrainingError(f"{where}: transformer: {error}") from None
     if "guidance_interval" in config["defaults"]:  # checked now, not by the bundle after hours of training
-        from skyloom.request import RequestError, check_guidance_interval
-
         try:
             check_guidance_interval(config["defaults"]["guidance_interval"])
         except RequestError as error:
