@@ -452,6 +452,11 @@ def aggregate(records: list[dict]) -> dict:
             "confusion": confusion(objects)}  # fmt: skip
 
 
+def _colours(prompt: EvalPrompt) -> int | None:
+    """How many colours a two-object prompt names (1 or 2); None for any other prompt."""
+    return len({o["colour"] for o in prompt.objects}) if len(prompt.objects) == 2 else None
+
+
 def targets_for(setting: tuple[int, int, int]) -> dict[str, float]:
     """The issue's targets at a setting: TARGETS at DEFAULT_SETTING, OTHER_SETTING_SLACK lower elsewhere."""
     slack = 0.0 if tuple(setting) == DEFAULT_SETTING else OTHER_SETTING_SLACK
@@ -468,7 +473,8 @@ def summarise(
     seed: int | None = None,
 ) -> dict:
     """The JSON-ready report of scored records (iter_scores), one entry per setting, with
-    breakdowns by subset (one_object, two_objects, held_out, seen) and the targets' status."""
+    breakdowns by subset (one_object, two_objects and those of one or two colours, held_out,
+    seen) and the targets' status."""
     by_prompt = {p.index: p for p in prompts}
     entries = []
     for setting in settings:
@@ -477,6 +483,10 @@ def summarise(
         subsets = {
             "one_object": [r for r in mine if len(by_prompt[r["prompt"]].objects) == 1],
             "two_objects": [r for r in mine if len(by_prompt[r["prompt"]].objects) == 2],
+            # Two objects of one colour cannot be told apart by colour, in the picture or in
+            # the prompt: their own figures show whether a model keeps them apart.
+            "two_objects_one_colour": [r for r in mine if _colours(by_prompt[r["prompt"]]) == 1],
+            "two_objects_two_colours": [r for r in mine if _colours(by_prompt[r["prompt"]]) == 2],
             "held_out": [r for r in mine if by_prompt[r["prompt"]].held_out],
             "seen": [r for r in mine if not by_prompt[r["prompt"]].held_out],
         }

@@ -196,6 +196,9 @@ def test_report_breaks_down_by_subset_and_formats_a_table(prompts):
     assert subsets["held_out"]["prompts"] + subsets["seen"]["prompts"] == 12
     assert subsets["held_out"]["prompts"] == sum(p.held_out for p in prompts[:12]) > 0
     assert subsets["one_object"]["metrics"]["binding"] is None  # nothing to bind
+    one_colour = [p.index for p in prompts[:12] if len(p.objects) == 2 and len({o["colour"] for o in p.objects}) == 1]
+    assert subsets["two_objects_one_colour"]["prompts"] == len(one_colour) > 0
+    assert subsets["two_objects_one_colour"]["prompts"] + subsets["two_objects_two_colours"]["prompts"] == 6
     assert entry["counts"]["colour"] == [18, 18]  # 6 one-object + 6 two-object prompts
     assert report["settings"][1]["targets"]["colour"]["target"] == 85.0  # 10 points lower off 64x64, 17f
     lines = format_table(report).splitlines()
@@ -245,7 +248,8 @@ def test_eval_command_prints_the_table_and_writes_the_report(tiny_model, tmp_pat
     entry = report["settings"][0]
     assert (entry["width"], entry["height"], entry["frames"], entry["prompts"]) == (64, 64, 9, 3)
     assert set(entry["metrics"]) == {*METRICS, "flicker", "extra_objects"}
-    assert set(entry["subsets"]) == {"one_object", "two_objects", "held_out", "seen"}
+    assert set(entry["subsets"]) == {"one_object", "two_objects", "two_objects_one_colour", "two_objects_two_colours",
+                                     "held_out", "seen"}  # fmt: skip
     assert {"setting", "prompt", "seed", "score", "found", "seconds"} <= set(report["records"][0])
     clip, _ = read_video(videos / "80x48_9f" / "0002.mp4")
     assert tuple(clip.shape) == (9, 48, 80, 3)
