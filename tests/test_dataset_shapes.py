@@ -407,8 +407,11 @@ def test_recaptioning_written_clips_recovers_the_ground_truth(tmp_path):
     # The analyser behind the `shapes` captioner reads what the generator drew, through H.264.
     from benchmarks.eval_captioner import evaluate
 
-    scenes_right, scenes, figures = evaluate(tmp_path / "data", count=18, split="all", seed=3)
+    groups = evaluate(tmp_path / "data", count=18, split="all", seed=3, two_objects=0.75, gap=4)
+    scenes_right, scenes, figures = groups["all"]
     assert scenes == 18 and scenes_right >= 17
+    assert sum(groups[g][1] for g in groups if g.startswith(("one", "two"))) == 18  # each clip in one group
+    assert groups["one object"][1] < 9  # three clips in four hold two objects
     for name in ("shape", "colour", "motion", "background"):
         right, total = figures[name]
         assert right / total >= 0.95, (name, figures)
