@@ -366,18 +366,21 @@ def test_empty_clip_caption_names_the_background():
 @pytest.mark.parametrize(
     "prompt, enhanced",
     [
-        ("red circle going left", "A red circle moves left."),
+        ("red circle going left", "A red circle moves left on a black background."),
         ("a blue box rising on a grey background", "A blue square moves up on a gray background."),
         ("Yellow ball, static, black backdrop", "A yellow circle stays still on a black background."),
-        ("green triangle", "A green triangle stays still."),
+        ("green triangle", "A green triangle stays still on a black background."),
         ("white pyramid falling on a dark blue background", "A white triangle moves down on a navy background."),
         (
             "a violet disc drifting rightwards and a red cube that does not move",
-            "A purple circle moves right while a red square stays still.",
+            "A purple circle moves right while a red square stays still on a black background.",
         ),
-        ("red thing moving up", "A red shape moves up."),
+        ("red thing moving up", "A red shape moves up on a black background."),
         # "at rest" is read as a motion, so the left-moving square does not lend it its motion.
-        ("a red circle at rest and a left-moving blue square", "A red circle stays still while a blue square moves left."),
+        (
+            "a red circle at rest and a left-moving blue square",
+            "A red circle stays still while a blue square moves left on a black background.",
+        ),
         (
             "Two shapes on a navy background: one green triangle sinks downward, and one white square sits motionless.",
             "A green triangle moves down while a white square stays still on a navy background.",
@@ -394,8 +397,9 @@ def test_enhancer_leaves_unparseable_prompts_alone_and_uses_configured_defaults(
     enhancer = CaptionStyleEnhancer()
     for prompt in ("a cat playing the piano", "", "a shape on a dark blue background", "moving left"):
         assert enhancer.enhance(prompt) == prompt
-    configured = CaptionStyleEnhancer(default_motion="moves up", default_background="black")
-    assert configured.enhance("red square") == "A red square moves up on a black background."
+    configured = CaptionStyleEnhancer(default_motion="moves up", default_background="navy")
+    assert configured.enhance("red square") == "A red square moves up on a navy background."
+    assert CaptionStyleEnhancer(default_background=None).enhance("red square") == "A red square stays still."
     assert configured.enhance("red square going left on gray") == "A red square moves left on a gray background."
     with pytest.raises(ValueError, match="default_motion"):
         CaptionStyleEnhancer(default_motion="spins")
@@ -428,7 +432,7 @@ def test_plugins_register_through_the_registry():
     assert registry.get("prompt_enhancer", "caption_style").name == "caption-style"
     enhancer = registry.create("prompt_enhancer", "caption-style")
     assert isinstance(enhancer, PromptEnhancer)
-    assert enhancer.enhance("blue circle going down") == "A blue circle moves down."
+    assert enhancer.enhance("blue circle going down") == "A blue circle moves down on a black background."
     with pytest.raises(TypeError):
         registry.create("captioner", "shapes", seed="three")
 
