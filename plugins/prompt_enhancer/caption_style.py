@@ -2,9 +2,9 @@
 
 "red circle going left" -> "A red circle moves left on a black background." The model learnt
 from captions written by the `shapes` captioner; a prompt phrased the same way lands where the
-training data was. The
-enhancer parses colours, shapes, motions and the background (with synonyms: "ball", "box",
-"rising", "grey", ...) and writes the canonical caption (skyloom.shapes_analysis.canonical_caption).
+training data was. The enhancer parses colours, shapes, motions and the background (with
+synonyms: "ball", "box", "rising", "grey", ...) and writes the canonical caption
+(skyloom.shapes_analysis.canonical_caption).
 Deterministic and offline; its own output is a fixed point (enhancing twice changes nothing).
 
 Defaults, where the prompt says nothing:
