@@ -370,6 +370,21 @@ def test_attention_cuda_rejects_unsupported_head_dim():
         ops.spacetime_attention(q, q, q)
 
 
+# 64 frames: the longest the short-T temporal kernels take; 65: the general kernels. The sliced
+# layout's rows are not 16-byte aligned, which also sends a short sequence to the general kernels.
+@pytest.mark.cuda
+@pytest.mark.parametrize("frames", [21, 64, 65])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_cuda_temporal_short_and_long_sequences(frames, dtype_name, causal):
+    problem = dict(shape=(2, frames, 5, 3, 64), mode="temporal", causal=causal, valid_lengths=None)
+    if dtype_name == "float32":
+        for layout in ("contiguous", "sliced"):
+            _check_float32_matches_reference("cuda", problem, layout, seed=frames)
+    else:
+        _check_low_precision_error("cuda", problem, dtype_name, seed=frames)
+
+
 def test_attention_double_backward_raises_clearly():
     q, k, v = (torch.randn(1, 2, 3, 1, 8, requires_grad=True) for _ in range(3))
     (gq,) = torch.autograd.grad(ops.spacetime_attention(q, k, v).sum(), q, create_graph=True)

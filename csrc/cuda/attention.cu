@@ -1,511 +1,19 @@
-// Spacetime attention on the GPU, forward and backward, flash-style: K/V tiles staged in
-// shared memory, an online softmax in fp32, the logsumexp saved for the backward pass and
-// the probabilities recomputed there; the (T·S)² score matrix never exists. The three modes
-// read (B, T, S, heads, head_dim) through strides, exactly as the CPU kernels do
-// (cpu/attention.h): a "sequence" is one (batch, head) for full, one (batch, frame, head)
-// for spatial, one (batch, position, head) for temporal.
+// Spacetime attention on the GPU, forward and backward: which kernels run, and their launches.
 //
-// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: a tensor-core kernel
-// (WMMA 16x16x16, fp32 accumulation; wmma_forward_kernel). Everything else runs on CUDA
-// cores: one thread owns one query row (forward, dQ) or one key row (dK/dV) with head_dim
-// values in registers; these are also the correctness baseline (docs/kernels.md).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
+// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: the tensor-core kernel
+// (flash::wmma_forward_kernel). Temporal mode with T <= 64 and 16-byte-aligned rows: the
+// short-sequence kernels of temporal_attention.cu. Everything else: the CUDA-core kernels of
+// attention_kernels.cuh (docs/kernels.md).
 #include <cstdint>
-#include <stdexcept>
 #include <type_traits>
 
-#include "cuda/kernels.h"
+#include "cuda/attention_kernels.cuh"
+#include "cuda/temporal_attention.cuh"
 
 namespace skyloom::cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-template <class T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float(float x) { return x; }
-template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-
-struct Strides {
-  int64_t s[4];
-};
-
-// Token i of a sequence sits at base + (i / inner_len)·outer + (i % inner_len)·inner.
-struct SeqView {
-  int64_t base, outer, inner, inner_len;
-  __device__ __forceinline__ int64_t offset(int64_t i) const { return base + (i / inner_len) * outer + (i % inner_len) * inner; }
-};
-
-struct Problem {
-  int mode;  // cpu::AttentionMode
-  bool causal;
-  float scale;
-  const int64_t* valid_lengths;  // device, (B,) or null
-  int64_t B, T, S, heads, L, groups;
-
-  __device__ SeqView view(const Strides& st, int64_t group, int64_t head) const {
-    const int64_t* s = st.s;
-    if (mode == int(cpu::AttentionMode::kFull)) return {group * s[0] + head * s[3], s[1], s[2], S};
-    if (mode == int(cpu::AttentionMode::kSpatial)) return {(group / T) * s[0] + (group % T) * s[1] + head * s[3], 0, s[2], S};
-    return {(group / S) * s[0] + (group % S) * s[2] + head * s[3], 0, s[1], T};
-  }
-  // keys [0, limit) are visible to query row i
-  __device__ int64_t key_limit(int64_t group, int64_t i) const {
-    int64_t limit = L;
-    const bool full = mode == int(cpu::AttentionMode::kFull);
-    const int64_t frame_len = full ? S : 1;
-    if (causal && mode != int(cpu::AttentionMode::kSpatial)) limit = (i / frame_len + 1) * frame_len;
-    if (valid_lengths && full) {
-      int64_t frames = valid_lengths[group];
-      frames = frames < 0 ? 0 : (frames > T ? T : frames);
-      limit = min(limit, frames * S);
-    }
-    return limit;
-  }
-};
-
-// Split a 1-D block index into (tile, head, group): grid.x has no 65535 limit.
-struct BlockCoords {
-  int64_t tile, head, group;
-};
-__device__ __forceinline__ BlockCoords block_coords(int64_t tiles, int64_t heads) {
-  const int64_t b = blockIdx.x;
-  return {b % tiles, (b / tiles) % heads, b / tiles / heads};
-}
-
-constexpr int kRows = 128;   // query rows per forward / dQ block (one per thread)
-constexpr int kKeys = 32;    // keys per shared-memory tile
-constexpr int kKeyRows = 32; // key rows per dK/dV block (one per thread)
-constexpr int kQTile = 8;    // query rows per shared-memory tile in the dK/dV kernel
-
-template <class T, int D>
-__device__ __forceinline__ void load_tile(const T* src, const SeqView& view, int64_t k0, int64_t L, float (*dst)[D]) {
-  for (int idx = threadIdx.x; idx < kKeys * D; idx += blockDim.x) {
-    const int j = idx / D, d = idx % D;
-    const int64_t key = k0 + j;
-    dst[j][d] = key < L ? to_float(src[view.offset(key) + d]) : 0.f;
-  }
-}
-
-template <class T, int D>
-__global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __restrict__ q, Strides qs,
-                                                         const T* __restrict__ k, Strides ks, const T* __restrict__ v,
-                                                         Strides vs, T* __restrict__ out, Strides os,
-                                                         float* __restrict__ lse, Strides ls) {
-  __shared__ float k_tile[kKeys][D];
-  __shared__ float v_tile[kKeys][D];
-  __shared__ int key_end;
-  const int64_t tiles = (p.L + kRows - 1) / kRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int64_t i = bc.tile * kRows + threadIdx.x;
-  const bool active = i < p.L;
-  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
-                vv = p.view(vs, bc.group, bc.head);
-
-  float qr[D], o[D];
-  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qr[d] = active ? to_float(q[qv.offset(i) + d]) * (p.scale * kLog2e) : 0.f;  // log2 units: exp2f is cheap
-    o[d] = 0.f;
-  }
-  if (threadIdx.x == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(limit));
-  __syncthreads();
-
-  float m = -INFINITY, l = 0.f;
-  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
-    load_tile<T, D>(k, kv, k0, p.L, k_tile);
-    load_tile<T, D>(v, vv, k0, p.L, v_tile);
-    __syncthreads();
-    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
-    if (visible > 0) {
-      float s[kKeys];  // unrolled by 2 only, to keep compile times sane; s lives in L1-backed local memory
-      float m_new = m;
-#pragma unroll 2
-      for (int j = 0; j < kKeys; ++j) {
-        float acc = 0.f;
-#pragma unroll
-        for (int d = 0; d < D; ++d) acc += qr[d] * k_tile[j][d];  // same address across the warp: broadcast
-        s[j] = j < visible ? acc : -INFINITY;
-        m_new = fmaxf(m_new, s[j]);
-      }
-      const float alpha = exp2f(m - m_new);
-      l *= alpha;
-#pragma unroll
-      for (int d = 0; d < D; ++d) o[d] *= alpha;
-#pragma unroll 2
-      for (int j = 0; j < kKeys; ++j) {
-        const float pj = exp2f(s[j] - m_new);
-        l += pj;
-#pragma unroll
-        for (int d = 0; d < D; ++d) o[d] += pj * v_tile[j][d];
-      }
-      m = m_new;
-    }
-    __syncthreads();
-  }
-  if (!active) return;
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) out[ov.offset(i) + d] = from_float<T>(o[d] * inv);
-  lse[lv.offset(i)] = l > 0.f ? (m + log2f(l)) * kLn2 : INFINITY;
-}
-
-// delta_i = rowsum(grad_out_i ∘ out_i), the softmax-Jacobian term of every backward row.
-template <class T, int D>
-__global__ void delta_kernel(Problem p, const T* __restrict__ go, Strides gs, const T* __restrict__ out, Strides os,
-                             float* __restrict__ delta, Strides ds, int64_t rows) {
-  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (r >= rows) return;
-  const int64_t i = r % p.L, head = (r / p.L) % p.heads, group = r / p.L / p.heads;
-  const int64_t g = p.view(gs, group, head).offset(i), o = p.view(os, group, head).offset(i);
-  float acc = 0.f;
-#pragma unroll
-  for (int d = 0; d < D; ++d) acc += to_float(go[g + d]) * to_float(out[o + d]);
-  delta[p.view(ds, group, head).offset(i)] = acc;
-}
-
-template <class T, int D>
-__global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __restrict__ go, Strides gs,
-                                                        const T* __restrict__ q, Strides qs, const T* __restrict__ k,
-                                                        Strides ks, const T* __restrict__ v, Strides vs,
-                                                        const float* __restrict__ lse, Strides ls,
-                                                        const float* __restrict__ delta, Strides ds,
-                                                        T* __restrict__ grad_q, Strides dqs) {
-  __shared__ float k_tile[kKeys][D];
-  __shared__ float v_tile[kKeys][D];
-  __shared__ int key_end;
-  const int64_t tiles = (p.L + kRows - 1) / kRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int64_t i = bc.tile * kRows + threadIdx.x;
-  const bool active = i < p.L;
-  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
-                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head);
-  float qr[D], gr[D], dq[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qr[d] = active ? to_float(q[qv.offset(i) + d]) * p.scale : 0.f;
-    gr[d] = active ? to_float(go[gv.offset(i) + d]) : 0.f;
-    dq[d] = 0.f;
-  }
-  const float lse2 = active ? lse[p.view(ls, bc.group, bc.head).offset(i)] * kLog2e : 0.f;
-  const float di = active ? delta[p.view(ds, bc.group, bc.head).offset(i)] : 0.f;
-  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
-  if (threadIdx.x == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(limit));
-  __syncthreads();
-  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
-    load_tile<T, D>(k, kv, k0, p.L, k_tile);
-    load_tile<T, D>(v, vv, k0, p.L, v_tile);
-    __syncthreads();
-    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
-    for (int j = 0; j < visible; ++j) {
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += qr[d] * k_tile[j][d];
-        dp += gr[d] * v_tile[j][d];
-      }
-      const float ds_ij = exp2f(s * kLog2e - lse2) * (dp - di);
-#pragma unroll
-      for (int d = 0; d < D; ++d) dq[d] += ds_ij * k_tile[j][d];
-    }
-    __syncthreads();
-  }
-  if (!active) return;
-  const SeqView dv = p.view(dqs, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) grad_q[dv.offset(i) + d] = from_float<T>(dq[d] * p.scale);
-}
-
-template <class T, int D>
-__global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* __restrict__ go, Strides gs,
-                                                            const T* __restrict__ q, Strides qs,
-                                                            const T* __restrict__ k, Strides ks,
-                                                            const T* __restrict__ v, Strides vs,
-                                                            const float* __restrict__ lse, Strides ls,
-                                                            const float* __restrict__ delta, Strides ds,
-                                                            T* __restrict__ grad_k, Strides dks, T* __restrict__ grad_v,
-                                                            Strides dvs) {
-  __shared__ float k_rows[kKeyRows][D + 1];  // +1: thread j reads row j, so pad off the bank stride
-  __shared__ float v_rows[kKeyRows][D + 1];
-  __shared__ float q_tile[kQTile][D];
-  __shared__ float go_tile[kQTile][D];
-  __shared__ float lse2_tile[kQTile], delta_tile[kQTile];
-  __shared__ int64_t limit_tile[kQTile];
-  const int64_t tiles = (p.L + kKeyRows - 1) / kKeyRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int j = threadIdx.x;
-  const int64_t key = bc.tile * kKeyRows + j;
-  const bool active = key < p.L;
-  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
-                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head),
-                lv = p.view(ls, bc.group, bc.head), dv = p.view(ds, bc.group, bc.head);
-  for (int d = 0; d < D; ++d) {
-    k_rows[j][d] = active ? to_float(k[kv.offset(key) + d]) : 0.f;
-    v_rows[j][d] = active ? to_float(v[vv.offset(key) + d]) : 0.f;
-  }
-  float dk[D], dvr[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) dk[d] = dvr[d] = 0.f;
-  const int64_t first_key = bc.tile * kKeyRows;
-  for (int64_t r0 = 0; r0 < p.L; r0 += kQTile) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kQTile * D; idx += blockDim.x) {
-      const int r = idx / D, d = idx % D;
-      const int64_t row = r0 + r;
-      q_tile[r][d] = row < p.L ? to_float(q[qv.offset(row) + d]) * p.scale : 0.f;
-      go_tile[r][d] = row < p.L ? to_float(go[gv.offset(row) + d]) : 0.f;
-    }
-    if (threadIdx.x < kQTile) {
-      const int64_t row = r0 + threadIdx.x;
-      lse2_tile[threadIdx.x] = row < p.L ? lse[lv.offset(row)] * kLog2e : 0.f;
-      delta_tile[threadIdx.x] = row < p.L ? delta[dv.offset(row)] : 0.f;
-      limit_tile[threadIdx.x] = row < p.L ? p.key_limit(bc.group, row) : 0;
-    }
-    __syncthreads();
-    int64_t tile_limit = 0;
-    for (int r = 0; r < kQTile; ++r) tile_limit = max(tile_limit, limit_tile[r]);
-    if (tile_limit <= first_key) continue;  // no row of this tile sees any key of this block (uniform)
-    for (int r = 0; r < kQTile; ++r) {
-      if (!active || key >= limit_tile[r]) continue;
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += q_tile[r][d] * k_rows[j][d];
-        dp += go_tile[r][d] * v_rows[j][d];
-      }
-      const float pij = exp2f(s * kLog2e - lse2_tile[r]);
-      const float ds_ij = pij * (dp - delta_tile[r]);
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        dvr[d] += pij * go_tile[r][d];
-        dk[d] += ds_ij * q_tile[r][d];  // q_tile already holds scale·q
-      }
-    }
-  }
-  if (!active) return;
-  const SeqView dkv = p.view(dks, bc.group, bc.head), dvv = p.view(dvs, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    grad_k[dkv.offset(key) + d] = from_float<T>(dk[d]);
-    grad_v[dvv.offset(key) + d] = from_float<T>(dvr[d]);
-  }
-}
-
-
-// ---- tensor-core forward ------------------------------------------------------------------
-// A block owns 64 query rows; warp w owns rows [16w, 16w+16). Per 64-key tile:
-//   S = Q·Kᵀ (WMMA, fp32) -> masked online softmax on the warp's rows in shared memory
-//   (scores scaled to log2 units, exp2f) -> P in T -> O (fp32, shared) rescaled by alpha
-//   -> O += P·V (WMMA, accumulators loaded from and stored back to shared memory).
-constexpr int kWmmaRows = 64, kWmmaKeys = 64, kWmmaWarps = 4;
-
-template <class T, int D>
-struct WmmaSmem {
-  static constexpr size_t q = 0;
-  static constexpr size_t k = q + kWmmaRows * D * sizeof(T);
-  static constexpr size_t v = k + kWmmaKeys * D * sizeof(T);
-  static constexpr size_t s = v + kWmmaKeys * D * sizeof(T);
-  static constexpr size_t p = s + kWmmaRows * kWmmaKeys * sizeof(float);
-  static constexpr size_t o = p + kWmmaRows * kWmmaKeys * sizeof(T);
-  static constexpr size_t m = o + kWmmaRows * D * sizeof(float);
-  static constexpr size_t l = m + kWmmaRows * sizeof(float);
-  static constexpr size_t limit = l + kWmmaRows * sizeof(float);
-  static constexpr size_t bytes = limit + kWmmaRows * sizeof(int);
-};
-
-template <class T, int D>
-__global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
-    Problem p, const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks, const T* __restrict__ v,
-    Strides vs, T* __restrict__ out, Strides os, float* __restrict__ lse, Strides ls) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  using L = WmmaSmem<T, D>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* q_s = reinterpret_cast<T*>(smem + L::q);
-  T* k_s = reinterpret_cast<T*>(smem + L::k);
-  T* v_s = reinterpret_cast<T*>(smem + L::v);
-  float* s_s = reinterpret_cast<float*>(smem + L::s);
-  T* p_s = reinterpret_cast<T*>(smem + L::p);
-  float* o_s = reinterpret_cast<float*>(smem + L::o);
-  float* m_s = reinterpret_cast<float*>(smem + L::m);
-  float* l_s = reinterpret_cast<float*>(smem + L::l);
-  int* limit_s = reinterpret_cast<int*>(smem + L::limit);
-  __shared__ int key_end;
-
-  const int64_t tiles = (p.L + kWmmaRows - 1) / kWmmaRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int64_t row0 = bc.tile * kWmmaRows;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
-                vv = p.view(vs, bc.group, bc.head);
-  const T zero = from_float<T>(0.f);
-
-  if (tid == 0) key_end = 0;
-  __syncthreads();
-  for (int r = tid; r < kWmmaRows; r += blockDim.x) {
-    const int64_t i = row0 + r;
-    const int lim = i < p.L ? int(p.key_limit(bc.group, i)) : 0;
-    limit_s[r] = lim;
-    m_s[r] = -INFINITY;
-    l_s[r] = 0.f;
-    atomicMax(&key_end, lim);
-  }
-  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
-    const int r = idx / D, d = idx % D;
-    const int64_t i = row0 + r;
-    q_s[idx] = i < p.L ? q[qv.offset(i) + d] : zero;
-    o_s[idx] = 0.f;
-  }
-  __syncthreads();
-
-  const float score_scale = p.scale * kLog2e;
-  T* p_w = p_s + warp * 16 * kWmmaKeys;
-  float* s_w = s_s + warp * 16 * kWmmaKeys;
-  float* o_w = o_s + warp * 16 * D;
-  for (int64_t k0 = 0; k0 < key_end; k0 += kWmmaKeys) {
-    for (int idx = tid; idx < kWmmaKeys * D; idx += blockDim.x) {
-      const int j = idx / D, d = idx % D;
-      const int64_t key = k0 + j;
-      k_s[idx] = key < p.L ? k[kv.offset(key) + d] : zero;
-      v_s[idx] = key < p.L ? v[vv.offset(key) + d] : zero;
-    }
-    __syncthreads();
-
-    // S (16 x 64 per warp) = Q_w (16 x D) · Kᵀ (D x 64); Kᵀ is K read column-major.
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWmmaKeys / 16];
-#pragma unroll
-    for (int c = 0; c < kWmmaKeys / 16; ++c) wmma::fill_fragment(acc[c], 0.f);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
-#pragma unroll
-      for (int c = 0; c < kWmmaKeys / 16; ++c) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, k_s + c * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc[c], a, b, acc[c]);
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < kWmmaKeys / 16; ++c)
-      wmma::store_matrix_sync(s_w + c * 16, acc[c], kWmmaKeys, wmma::mem_row_major);
-    __syncwarp();
-
-    // Online softmax, one row at a time across the warp: each lane holds 2 of the 64 scores.
-    for (int r = 0; r < 16; ++r) {
-      const int row = warp * 16 + r;
-      const int64_t visible = limit_s[row] - k0;
-      float x[2];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = lane + 32 * h;
-        x[h] = j < visible ? s_w[r * kWmmaKeys + j] * score_scale : -INFINITY;
-        mx = fmaxf(mx, x[h]);
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_old = m_s[row];
-      const float m_new = fmaxf(m_old, mx);
-      float alpha = 1.f, sum = 0.f;
-      if (m_new != -INFINITY) {
-        alpha = exp2f(m_old - m_new);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          x[h] = exp2f(x[h] - m_new);
-          sum += x[h];
-        }
-      } else {
-        x[0] = x[1] = 0.f;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) p_w[r * kWmmaKeys + lane + 32 * h] = from_float<T>(x[h]);
-      for (int d = lane; d < D; d += 32) o_w[r * D + d] *= alpha;
-      __syncwarp();
-      if (lane == 0) {
-        m_s[row] = m_new;
-        l_s[row] = l_s[row] * alpha + sum;
-      }
-      __syncwarp();
-    }
-
-    // O_w (16 x D) += P_w (16 x 64) · V (64 x D), accumulating in place in shared memory.
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-      wmma::load_matrix_sync(o_frag, o_w + n * 16, D, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kWmmaKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, p_w + kk * 16, kWmmaKeys);
-        wmma::load_matrix_sync(b, v_s + kk * 16 * D + n * 16, D);
-        wmma::mma_sync(o_frag, a, b, o_frag);
-      }
-      wmma::store_matrix_sync(o_w + n * 16, o_frag, D, wmma::mem_row_major);
-    }
-    __syncthreads();  // before the next tile overwrites K/V
-  }
-
-  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
-  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
-    const int r = idx / D, d = idx % D;
-    const int64_t i = row0 + r;
-    if (i >= p.L) continue;
-    const float l = l_s[r];
-    out[ov.offset(i) + d] = from_float<T>(l > 0.f ? o_s[idx] / l : 0.f);
-    if (d == 0) lse[lv.offset(i)] = l > 0.f ? (m_s[r] + log2f(l)) * kLn2 : INFINITY;
-  }
-#endif
-}
-
-Problem make_problem(const AttentionShape& shape, const AttentionOptions& o) {
-  Problem p{int(o.mode), o.causal, float(o.scale), o.valid_lengths, shape.B, shape.T, shape.S, shape.heads, 0, 0};
-  switch (o.mode) {
-    case cpu::AttentionMode::kFull: p.L = shape.T * shape.S, p.groups = shape.B; break;
-    case cpu::AttentionMode::kSpatial: p.L = shape.S, p.groups = shape.B * shape.T; break;
-    default: p.L = shape.T, p.groups = shape.B * shape.S; break;
-  }
-  return p;
-}
-
-Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
-
-// Runtime dtype and head_dim to template arguments (flash-attention's static_switch idea).
-template <class Fn>
-void dispatch(DType dtype, int64_t head_dim, Fn&& fn) {
-  auto with_dim = [&](auto tag) {
-    using T = decltype(tag);
-    switch (head_dim) {
-      case 32: return fn(T{}, std::integral_constant<int, 32>{});
-      case 64: return fn(T{}, std::integral_constant<int, 64>{});
-      case 128: return fn(T{}, std::integral_constant<int, 128>{});
-      default: throw std::invalid_argument("spacetime_attention (CUDA): head_dim must be 32, 64 or 128");
-    }
-  };
-  switch (dtype) {
-    case DType::kFloat32: return with_dim(float{});
-    case DType::kFloat16: return with_dim(__half{});
-    case DType::kBFloat16: return with_dim(__nv_bfloat16{});
-    default: throw std::invalid_argument("spacetime_attention (CUDA): dtype must be float32, float16 or bfloat16");
-  }
-}
+using namespace flash;
 
 // WMMA with bf16 needs sm_80+, and the kernel needs up to ~137 KB of shared memory per block.
 bool tensor_cores_available() {
@@ -522,9 +30,9 @@ bool head_dim_supported(int64_t head_dim) { return head_dim == 32 || head_dim ==
 
 void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
                        Strided k, Strided v, StridedOut out, StridedOut lse, cudaStream_t stream) {
+  if (temporal_attention_forward(dtype, shape, options, q, k, v, out, lse, stream)) return;
   const Problem p = make_problem(shape, options);
   if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
-  const int64_t blocks = (p.L + kRows - 1) / kRows * shape.heads * p.groups;
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
@@ -532,15 +40,14 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
       if (options.mode != cpu::AttentionMode::kTemporal && tensor_cores_available()) {
         const size_t smem = WmmaSmem<T, D>::bytes;
         cudaFuncSetAttribute(wmma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        const int64_t wmma_blocks = (p.L + kWmmaRows - 1) / kWmmaRows * shape.heads * p.groups;
-        wmma_forward_kernel<T, D><<<unsigned(wmma_blocks), 32 * kWmmaWarps, smem, stream>>>(
+        wmma_forward_kernel<T, D><<<row_blocks(p, kWmmaRows), 32 * kWmmaWarps, smem, stream>>>(
             p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
             strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
             strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
         return;
       }
     }
-    forward_kernel<T, D><<<unsigned(blocks), kRows, 0, stream>>>(
+    forward_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
         p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
         static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
         static_cast<float*>(lse.data), strides_of(lse.stride));
@@ -550,6 +57,8 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
 void attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided grad_out,
                         Strided q, Strided k, Strided v, Strided out, Strided lse, StridedOut grad_q,
                         StridedOut grad_k, StridedOut grad_v, float* delta_workspace, cudaStream_t stream) {
+  if (temporal_attention_backward(dtype, shape, options, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, stream))
+    return;
   const Problem p = make_problem(shape, options);
   if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
   const Strides delta_strides{{shape.T * shape.S * shape.heads, shape.S * shape.heads, shape.heads, 1}};
@@ -565,13 +74,11 @@ void attention_backward(DType dtype, const AttentionShape& shape, const Attentio
     delta_kernel<T, D><<<unsigned((rows + 255) / 256), 256, 0, stream>>>(
         p, go, strides_of(grad_out.stride), static_cast<const T*>(out.data), strides_of(out.stride), delta_workspace,
         delta_strides, rows);
-    const int64_t q_blocks = (p.L + kRows - 1) / kRows * shape.heads * p.groups;
-    grad_q_kernel<T, D><<<unsigned(q_blocks), kRows, 0, stream>>>(
+    grad_q_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
         p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
         strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
         static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
-    const int64_t k_blocks = (p.L + kKeyRows - 1) / kKeyRows * shape.heads * p.groups;
-    grad_kv_kernel<T, D><<<unsigned(k_blocks), kKeyRows, 0, stream>>>(
+    grad_kv_kernel<T, D><<<row_blocks(p, kKeyRows), kKeyRows, 0, stream>>>(
         p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
         strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
         static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),

@@ -1,0 +1,61 @@
+// What the CUDA attention kernels share: float conversions of the element types, the exp2
+// constants of the online softmax, and the four element strides of a (B, T, S, heads, ·)
+// operand passed by value to a kernel.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+
+#include "cpu/dtypes.h"
+
+// Declares the block's dynamic shared memory as `unsigned char name[]`, 128-byte aligned
+// (tests/cuda_emulation/emulate.h defines it as a pointer to its own buffer).
+#ifndef SKYLOOM_DYNAMIC_SHARED_MEMORY
+#define SKYLOOM_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+namespace skyloom::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+struct Strides {
+  int64_t s[4];
+};
+
+inline Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
+
+// Runtime dtype and head_dim to template arguments (flash-attention's static_switch idea).
+template <class Fn>
+auto dispatch(DType dtype, int64_t head_dim, Fn&& fn) {
+  auto with_dim = [&](auto tag) {
+    using T = decltype(tag);
+    switch (head_dim) {
+      case 32: return fn(T{}, std::integral_constant<int, 32>{});
+      case 64: return fn(T{}, std::integral_constant<int, 64>{});
+      case 128: return fn(T{}, std::integral_constant<int, 128>{});
+      default: throw std::invalid_argument("spacetime_attention (CUDA): head_dim must be 32, 64 or 128");
+    }
+  };
+  switch (dtype) {
+    case DType::kFloat32: return with_dim(float{});
+    case DType::kFloat16: return with_dim(__half{});
+    case DType::kBFloat16: return with_dim(__nv_bfloat16{});
+    default: throw std::invalid_argument("spacetime_attention (CUDA): dtype must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace skyloom::cuda

@@ -1,0 +1,477 @@
+// The general CUDA attention kernels, flash-style: K/V tiles staged in shared memory, an
+// online softmax in fp32, the logsumexp saved for the backward pass and the probabilities
+// recomputed there; the (T·S)² score matrix never exists. The three modes read
+// (B, T, S, heads, head_dim) through strides, exactly as the CPU kernels do
+// (cpu/attention.h): a "sequence" is one (batch, head) for full, one (batch, frame, head) for
+// spatial, one (batch, position, head) for temporal. Launched by attention.cu; also run on
+// the CPU by tests/cuda_emulation.
+//
+// CUDA cores: one thread owns one query row (forward_kernel, grad_q_kernel) or one key row
+// (grad_kv_kernel) with head_dim values in registers. Tensor cores (fp16/bf16, head_dim
+// 64/128, sm_80+): wmma_forward_kernel, WMMA 16x16x16 with fp32 accumulation.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <mma.h>
+#endif
+
+#include <cstdint>
+
+#include "cuda/attention_common.cuh"
+#include "cuda/kernels.h"
+
+namespace skyloom::cuda::flash {
+
+// Token i of a sequence sits at base + (i / inner_len)·outer + (i % inner_len)·inner.
+struct SeqView {
+  int64_t base, outer, inner, inner_len;
+  __device__ __forceinline__ int64_t offset(int64_t i) const { return base + (i / inner_len) * outer + (i % inner_len) * inner; }
+};
+
+struct Problem {
+  int mode;  // cpu::AttentionMode
+  bool causal;
+  float scale;
+  const int64_t* valid_lengths;  // device, (B,) or null
+  int64_t B, T, S, heads, L, groups;
+
+  __device__ SeqView view(const Strides& st, int64_t group, int64_t head) const {
+    const int64_t* s = st.s;
+    if (mode == int(cpu::AttentionMode::kFull)) return {group * s[0] + head * s[3], s[1], s[2], S};
+    if (mode == int(cpu::AttentionMode::kSpatial)) return {(group / T) * s[0] + (group % T) * s[1] + head * s[3], 0, s[2], S};
+    return {(group / S) * s[0] + (group % S) * s[2] + head * s[3], 0, s[1], T};
+  }
+  // keys [0, limit) are visible to query row i
+  __device__ int64_t key_limit(int64_t group, int64_t i) const {
+    int64_t limit = L;
+    const bool full = mode == int(cpu::AttentionMode::kFull);
+    const int64_t frame_len = full ? S : 1;
+    if (causal && mode != int(cpu::AttentionMode::kSpatial)) limit = (i / frame_len + 1) * frame_len;
+    if (valid_lengths && full) {
+      int64_t frames = valid_lengths[group];
+      frames = frames < 0 ? 0 : (frames > T ? T : frames);
+      limit = min(limit, frames * S);
+    }
+    return limit;
+  }
+};
+
+// Split a 1-D block index into (tile, head, group): grid.x has no 65535 limit.
+struct BlockCoords {
+  int64_t tile, head, group;
+};
+__device__ __forceinline__ BlockCoords block_coords(int64_t tiles, int64_t heads) {
+  const int64_t b = blockIdx.x;
+  return {b % tiles, (b / tiles) % heads, b / tiles / heads};
+}
+
+constexpr int kRows = 128;   // query rows per forward / dQ block (one per thread)
+constexpr int kKeys = 32;    // keys per shared-memory tile
+constexpr int kKeyRows = 32; // key rows per dK/dV block (one per thread)
+constexpr int kQTile = 8;    // query rows per shared-memory tile in the dK/dV kernel
+
+template <class T, int D>
+__device__ __forceinline__ void load_tile(const T* src, const SeqView& view, int64_t k0, int64_t L, float (*dst)[D]) {
+  for (int idx = threadIdx.x; idx < kKeys * D; idx += blockDim.x) {
+    const int j = idx / D, d = idx % D;
+    const int64_t key = k0 + j;
+    dst[j][d] = key < L ? to_float(src[view.offset(key) + d]) : 0.f;
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __restrict__ q, Strides qs,
+                                                         const T* __restrict__ k, Strides ks, const T* __restrict__ v,
+                                                         Strides vs, T* __restrict__ out, Strides os,
+                                                         float* __restrict__ lse, Strides ls) {
+  __shared__ float k_tile[kKeys][D];
+  __shared__ float v_tile[kKeys][D];
+  __shared__ int key_end;
+  const int64_t tiles = (p.L + kRows - 1) / kRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t i = bc.tile * kRows + threadIdx.x;
+  const bool active = i < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head);
+
+  float qr[D], o[D];
+  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    qr[d] = active ? to_float(q[qv.offset(i) + d]) * (p.scale * kLog2e) : 0.f;  // log2 units: exp2f is cheap
+    o[d] = 0.f;
+  }
+  if (threadIdx.x == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(limit));
+  __syncthreads();
+
+  float m = -INFINITY, l = 0.f;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
+    load_tile<T, D>(k, kv, k0, p.L, k_tile);
+    load_tile<T, D>(v, vv, k0, p.L, v_tile);
+    __syncthreads();
+    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
+    if (visible > 0) {
+      float s[kKeys];  // unrolled by 2 only, to keep compile times sane; s lives in L1-backed local memory
+      float m_new = m;
+#pragma unroll 2
+      for (int j = 0; j < kKeys; ++j) {
+        float acc = 0.f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc += qr[d] * k_tile[j][d];  // same address across the warp: broadcast
+        s[j] = j < visible ? acc : -INFINITY;
+        m_new = fmaxf(m_new, s[j]);
+      }
+      const float alpha = exp2f(m - m_new);
+      l *= alpha;
+#pragma unroll
+      for (int d = 0; d < D; ++d) o[d] *= alpha;
+#pragma unroll 2
+      for (int j = 0; j < kKeys; ++j) {
+        const float pj = exp2f(s[j] - m_new);
+        l += pj;
+#pragma unroll
+        for (int d = 0; d < D; ++d) o[d] += pj * v_tile[j][d];
+      }
+      m = m_new;
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) out[ov.offset(i) + d] = from_float<T>(o[d] * inv);
+  lse[lv.offset(i)] = l > 0.f ? (m + log2f(l)) * kLn2 : INFINITY;
+}
+
+// delta_i = rowsum(grad_out_i ∘ out_i), the softmax-Jacobian term of every backward row.
+template <class T, int D>
+__global__ void delta_kernel(Problem p, const T* __restrict__ go, Strides gs, const T* __restrict__ out, Strides os,
+                             float* __restrict__ delta, Strides ds, int64_t rows) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  const int64_t i = r % p.L, head = (r / p.L) % p.heads, group = r / p.L / p.heads;
+  const int64_t g = p.view(gs, group, head).offset(i), o = p.view(os, group, head).offset(i);
+  float acc = 0.f;
+#pragma unroll
+  for (int d = 0; d < D; ++d) acc += to_float(go[g + d]) * to_float(out[o + d]);
+  delta[p.view(ds, group, head).offset(i)] = acc;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                        const T* __restrict__ q, Strides qs, const T* __restrict__ k,
+                                                        Strides ks, const T* __restrict__ v, Strides vs,
+                                                        const float* __restrict__ lse, Strides ls,
+                                                        const float* __restrict__ delta, Strides ds,
+                                                        T* __restrict__ grad_q, Strides dqs) {
+  __shared__ float k_tile[kKeys][D];
+  __shared__ float v_tile[kKeys][D];
+  __shared__ int key_end;
+  const int64_t tiles = (p.L + kRows - 1) / kRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t i = bc.tile * kRows + threadIdx.x;
+  const bool active = i < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head);
+  float qr[D], gr[D], dq[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    qr[d] = active ? to_float(q[qv.offset(i) + d]) * p.scale : 0.f;
+    gr[d] = active ? to_float(go[gv.offset(i) + d]) : 0.f;
+    dq[d] = 0.f;
+  }
+  const float lse2 = active ? lse[p.view(ls, bc.group, bc.head).offset(i)] * kLog2e : 0.f;
+  const float di = active ? delta[p.view(ds, bc.group, bc.head).offset(i)] : 0.f;
+  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
+  if (threadIdx.x == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(limit));
+  __syncthreads();
+  for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
+    load_tile<T, D>(k, kv, k0, p.L, k_tile);
+    load_tile<T, D>(v, vv, k0, p.L, v_tile);
+    __syncthreads();
+    const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
+    for (int j = 0; j < visible; ++j) {
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        s += qr[d] * k_tile[j][d];
+        dp += gr[d] * v_tile[j][d];
+      }
+      const float ds_ij = exp2f(s * kLog2e - lse2) * (dp - di);
+#pragma unroll
+      for (int d = 0; d < D; ++d) dq[d] += ds_ij * k_tile[j][d];
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  const SeqView dv = p.view(dqs, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) grad_q[dv.offset(i) + d] = from_float<T>(dq[d] * p.scale);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                            const T* __restrict__ q, Strides qs,
+                                                            const T* __restrict__ k, Strides ks,
+                                                            const T* __restrict__ v, Strides vs,
+                                                            const float* __restrict__ lse, Strides ls,
+                                                            const float* __restrict__ delta, Strides ds,
+                                                            T* __restrict__ grad_k, Strides dks, T* __restrict__ grad_v,
+                                                            Strides dvs) {
+  __shared__ float k_rows[kKeyRows][D + 1];  // +1: thread j reads row j, so pad off the bank stride
+  __shared__ float v_rows[kKeyRows][D + 1];
+  __shared__ float q_tile[kQTile][D];
+  __shared__ float go_tile[kQTile][D];
+  __shared__ float lse2_tile[kQTile], delta_tile[kQTile];
+  __shared__ int64_t limit_tile[kQTile];
+  const int64_t tiles = (p.L + kKeyRows - 1) / kKeyRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int j = threadIdx.x;
+  const int64_t key = bc.tile * kKeyRows + j;
+  const bool active = key < p.L;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head),
+                lv = p.view(ls, bc.group, bc.head), dv = p.view(ds, bc.group, bc.head);
+  for (int d = 0; d < D; ++d) {
+    k_rows[j][d] = active ? to_float(k[kv.offset(key) + d]) : 0.f;
+    v_rows[j][d] = active ? to_float(v[vv.offset(key) + d]) : 0.f;
+  }
+  float dk[D], dvr[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) dk[d] = dvr[d] = 0.f;
+  const int64_t first_key = bc.tile * kKeyRows;
+  for (int64_t r0 = 0; r0 < p.L; r0 += kQTile) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kQTile * D; idx += blockDim.x) {
+      const int r = idx / D, d = idx % D;
+      const int64_t row = r0 + r;
+      q_tile[r][d] = row < p.L ? to_float(q[qv.offset(row) + d]) * p.scale : 0.f;
+      go_tile[r][d] = row < p.L ? to_float(go[gv.offset(row) + d]) : 0.f;
+    }
+    if (threadIdx.x < kQTile) {
+      const int64_t row = r0 + threadIdx.x;
+      lse2_tile[threadIdx.x] = row < p.L ? lse[lv.offset(row)] * kLog2e : 0.f;
+      delta_tile[threadIdx.x] = row < p.L ? delta[dv.offset(row)] : 0.f;
+      limit_tile[threadIdx.x] = row < p.L ? p.key_limit(bc.group, row) : 0;
+    }
+    __syncthreads();
+    int64_t tile_limit = 0;
+    for (int r = 0; r < kQTile; ++r) tile_limit = max(tile_limit, limit_tile[r]);
+    if (tile_limit <= first_key) continue;  // no row of this tile sees any key of this block (uniform)
+    for (int r = 0; r < kQTile; ++r) {
+      if (!active || key >= limit_tile[r]) continue;
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        s += q_tile[r][d] * k_rows[j][d];
+        dp += go_tile[r][d] * v_rows[j][d];
+      }
+      const float pij = exp2f(s * kLog2e - lse2_tile[r]);
+      const float ds_ij = pij * (dp - delta_tile[r]);
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        dvr[d] += pij * go_tile[r][d];
+        dk[d] += ds_ij * q_tile[r][d];  // q_tile already holds scale·q
+      }
+    }
+  }
+  if (!active) return;
+  const SeqView dkv = p.view(dks, bc.group, bc.head), dvv = p.view(dvs, bc.group, bc.head);
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    grad_k[dkv.offset(key) + d] = from_float<T>(dk[d]);
+    grad_v[dvv.offset(key) + d] = from_float<T>(dvr[d]);
+  }
+}
+
+
+// ---- tensor-core forward ------------------------------------------------------------------
+// A block owns 64 query rows; warp w owns rows [16w, 16w+16). Per 64-key tile:
+//   S = Q·Kᵀ (WMMA, fp32) -> masked online softmax on the warp's rows in shared memory
+//   (scores scaled to log2 units, exp2f) -> P in T -> O (fp32, shared) rescaled by alpha
+//   -> O += P·V (WMMA, accumulators loaded from and stored back to shared memory).
+constexpr int kWmmaRows = 64, kWmmaKeys = 64, kWmmaWarps = 4;
+
+template <class T, int D>
+struct WmmaSmem {
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + kWmmaRows * D * sizeof(T);
+  static constexpr size_t v = k + kWmmaKeys * D * sizeof(T);
+  static constexpr size_t s = v + kWmmaKeys * D * sizeof(T);
+  static constexpr size_t p = s + kWmmaRows * kWmmaKeys * sizeof(float);
+  static constexpr size_t o = p + kWmmaRows * kWmmaKeys * sizeof(T);
+  static constexpr size_t m = o + kWmmaRows * D * sizeof(float);
+  static constexpr size_t l = m + kWmmaRows * sizeof(float);
+  static constexpr size_t limit = l + kWmmaRows * sizeof(float);
+  static constexpr size_t bytes = limit + kWmmaRows * sizeof(int);
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
+    Problem p, const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks, const T* __restrict__ v,
+    Strides vs, T* __restrict__ out, Strides os, float* __restrict__ lse, Strides ls) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
+  using namespace nvcuda;
+  using L = WmmaSmem<T, D>;
+  SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
+  T* q_s = reinterpret_cast<T*>(smem + L::q);
+  T* k_s = reinterpret_cast<T*>(smem + L::k);
+  T* v_s = reinterpret_cast<T*>(smem + L::v);
+  float* s_s = reinterpret_cast<float*>(smem + L::s);
+  T* p_s = reinterpret_cast<T*>(smem + L::p);
+  float* o_s = reinterpret_cast<float*>(smem + L::o);
+  float* m_s = reinterpret_cast<float*>(smem + L::m);
+  float* l_s = reinterpret_cast<float*>(smem + L::l);
+  int* limit_s = reinterpret_cast<int*>(smem + L::limit);
+  __shared__ int key_end;
+
+  const int64_t tiles = (p.L + kWmmaRows - 1) / kWmmaRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int64_t row0 = bc.tile * kWmmaRows;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head);
+  const T zero = from_float<T>(0.f);
+
+  if (tid == 0) key_end = 0;
+  __syncthreads();
+  for (int r = tid; r < kWmmaRows; r += blockDim.x) {
+    const int64_t i = row0 + r;
+    const int lim = i < p.L ? int(p.key_limit(bc.group, i)) : 0;
+    limit_s[r] = lim;
+    m_s[r] = -INFINITY;
+    l_s[r] = 0.f;
+    atomicMax(&key_end, lim);
+  }
+  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    const int64_t i = row0 + r;
+    q_s[idx] = i < p.L ? q[qv.offset(i) + d] : zero;
+    o_s[idx] = 0.f;
+  }
+  __syncthreads();
+
+  const float score_scale = p.scale * kLog2e;
+  T* p_w = p_s + warp * 16 * kWmmaKeys;
+  float* s_w = s_s + warp * 16 * kWmmaKeys;
+  float* o_w = o_s + warp * 16 * D;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kWmmaKeys) {
+    for (int idx = tid; idx < kWmmaKeys * D; idx += blockDim.x) {
+      const int j = idx / D, d = idx % D;
+      const int64_t key = k0 + j;
+      k_s[idx] = key < p.L ? k[kv.offset(key) + d] : zero;
+      v_s[idx] = key < p.L ? v[vv.offset(key) + d] : zero;
+    }
+    __syncthreads();
+
+    // S (16 x 64 per warp) = Q_w (16 x D) · Kᵀ (D x 64); Kᵀ is K read column-major.
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWmmaKeys / 16];
+#pragma unroll
+    for (int c = 0; c < kWmmaKeys / 16; ++c) wmma::fill_fragment(acc[c], 0.f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
+#pragma unroll
+      for (int c = 0; c < kWmmaKeys / 16; ++c) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, k_s + c * 16 * D + kk * 16, D);
+        wmma::mma_sync(acc[c], a, b, acc[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kWmmaKeys / 16; ++c)
+      wmma::store_matrix_sync(s_w + c * 16, acc[c], kWmmaKeys, wmma::mem_row_major);
+    __syncwarp();
+
+    // Online softmax, one row at a time across the warp: each lane holds 2 of the 64 scores.
+    for (int r = 0; r < 16; ++r) {
+      const int row = warp * 16 + r;
+      const int64_t visible = limit_s[row] - k0;
+      float x[2];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
+        x[h] = j < visible ? s_w[r * kWmmaKeys + j] * score_scale : -INFINITY;
+        mx = fmaxf(mx, x[h]);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = m_s[row];
+      const float m_new = fmaxf(m_old, mx);
+      float alpha = 1.f, sum = 0.f;
+      if (m_new != -INFINITY) {
+        alpha = exp2f(m_old - m_new);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          x[h] = exp2f(x[h] - m_new);
+          sum += x[h];
+        }
+      } else {
+        x[0] = x[1] = 0.f;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) p_w[r * kWmmaKeys + lane + 32 * h] = from_float<T>(x[h]);
+      for (int d = lane; d < D; d += 32) o_w[r * D + d] *= alpha;
+      __syncwarp();
+      if (lane == 0) {
+        m_s[row] = m_new;
+        l_s[row] = l_s[row] * alpha + sum;
+      }
+      __syncwarp();
+    }
+
+    // O_w (16 x D) += P_w (16 x 64) · V (64 x D), accumulating in place in shared memory.
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
+      wmma::load_matrix_sync(o_frag, o_w + n * 16, D, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < kWmmaKeys / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(a, p_w + kk * 16, kWmmaKeys);
+        wmma::load_matrix_sync(b, v_s + kk * 16 * D + n * 16, D);
+        wmma::mma_sync(o_frag, a, b, o_frag);
+      }
+      wmma::store_matrix_sync(o_w + n * 16, o_frag, D, wmma::mem_row_major);
+    }
+    __syncthreads();  // before the next tile overwrites K/V
+  }
+
+  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
+  for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    const int64_t i = row0 + r;
+    if (i >= p.L) continue;
+    const float l = l_s[r];
+    out[ov.offset(i) + d] = from_float<T>(l > 0.f ? o_s[idx] / l : 0.f);
+    if (d == 0) lse[lv.offset(i)] = l > 0.f ? (m_s[r] + log2f(l)) * kLn2 : INFINITY;
+  }
+#endif
+}
+
+inline Problem make_problem(const AttentionShape& shape, const AttentionOptions& o) {
+  Problem p{int(o.mode), o.causal, float(o.scale), o.valid_lengths, shape.B, shape.T, shape.S, shape.heads, 0, 0};
+  switch (o.mode) {
+    case cpu::AttentionMode::kFull: p.L = shape.T * shape.S, p.groups = shape.B; break;
+    case cpu::AttentionMode::kSpatial: p.L = shape.S, p.groups = shape.B * shape.T; break;
+    default: p.L = shape.T, p.groups = shape.B * shape.S; break;
+  }
+  return p;
+}
+
+// Blocks of a launch that gives each block rows_per_block rows of every (sequence, head).
+inline unsigned row_blocks(const Problem& p, int64_t rows_per_block) {
+  return unsigned((p.L + rows_per_block - 1) / rows_per_block * p.heads * p.groups);
+}
+
+}  // namespace skyloom::cuda::flash

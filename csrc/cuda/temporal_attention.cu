@@ -1,0 +1,97 @@
+// Launchers of the short-T temporal attention kernels (temporal_attention_kernels.cuh): they
+// take a problem only when its rows allow 16-byte accesses and the block's shared memory fits.
+#include <cstdint>
+#include <initializer_list>
+
+#include "cuda/temporal_attention_kernels.cuh"
+
+namespace skyloom::cuda {
+namespace {
+
+using temporal::RowSlice;
+using temporal::TemporalProblem;
+
+struct Operand {
+  const void* data;
+  const int64_t* stride;
+};
+
+// 16-byte loads and stores need every row start 16-byte aligned: the base pointer and all
+// four strides (head_dim is unit-stride, as the bindings guarantee).
+bool rows_aligned(const void* data, const int64_t* stride, int64_t element_size) {
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  for (int i = 0; i < 4; ++i)
+    if ((stride[i] * element_size) % 16 != 0) return false;
+  return true;
+}
+
+bool smem_available(size_t bytes) {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return bytes <= size_t(optin);
+}
+
+int64_t element_size_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// Whether the short-T kernels take this problem: temporal mode, 1 <= T <= kTemporalMaxFrames,
+// a CUDA head_dim, the block's shared memory available, and every operand's rows aligned.
+bool takes(DType dtype, const AttentionShape& shape, const AttentionOptions& options, size_t smem,
+           std::initializer_list<Operand> operands) {
+  if (options.mode != cpu::AttentionMode::kTemporal || shape.T < 1 || shape.T > kTemporalMaxFrames ||
+      !head_dim_supported(shape.head_dim) || !smem_available(smem))
+    return false;
+  for (const Operand& o : operands)
+    if (!rows_aligned(o.data, o.stride, element_size_of(dtype))) return false;
+  return true;
+}
+
+}  // namespace
+
+bool temporal_attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
+                                Strided k, Strided v, StridedOut out, StridedOut lse, cudaStream_t stream) {
+  const size_t smem = temporal::forward_smem(element_size_of(dtype), shape.head_dim, shape.T);
+  if (!takes(dtype, shape, options, smem, {{q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride},
+                                           {out.data, out.stride}}))
+    return false;
+  const TemporalProblem p = temporal::make_problem(shape, options);
+  if (p.sequences == 0) return true;
+  dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    cudaFuncSetAttribute(temporal::forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    temporal::forward_kernel<T, D><<<temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream>>>(
+        p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
+        static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
+        static_cast<float*>(lse.data), strides_of(lse.stride));
+  });
+  return true;
+}
+
+bool temporal_attention_backward(DType dtype, const AttentionShape& shape, const AttentionOptions& options,
+                                 Strided grad_out, Strided q, Strided k, Strided v, Strided out, Strided lse,
+                                 StridedOut grad_q, StridedOut grad_k, StridedOut grad_v, cudaStream_t stream) {
+  const size_t smem = temporal::backward_smem(element_size_of(dtype), shape.head_dim);
+  if (!takes(dtype, shape, options, smem,
+             {{grad_out.data, grad_out.stride}, {q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride},
+              {out.data, out.stride}, {grad_q.data, grad_q.stride}, {grad_k.data, grad_k.stride},
+              {grad_v.data, grad_v.stride}}))
+    return false;
+  const TemporalProblem p = temporal::make_problem(shape, options);
+  if (p.sequences == 0) return true;
+  dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    cudaFuncSetAttribute(temporal::backward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    temporal::backward_kernel<T, D><<<temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream>>>(
+        p, static_cast<const T*>(grad_out.data), strides_of(grad_out.stride), static_cast<const T*>(q.data),
+        strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride), static_cast<const T*>(v.data),
+        strides_of(v.stride), static_cast<const T*>(out.data), strides_of(out.stride),
+        static_cast<const float*>(lse.data), strides_of(lse.stride), static_cast<T*>(grad_q.data),
+        strides_of(grad_q.stride), static_cast<T*>(grad_k.data), strides_of(grad_k.stride),
+        static_cast<T*>(grad_v.data), strides_of(grad_v.stride));
+  });
+  return true;
+}
+
+}  // namespace skyloom::cuda

@@ -1,0 +1,171 @@
+// Runs CUDA kernels on the CPU: every thread of a block is a std::thread, blocks run one
+// after another, __syncthreads and __syncwarp are barriers, __shfl_xor_sync exchanges values
+// through the block, atomicMax is an atomic compare-and-swap, static __shared__ variables are
+// statics (one block at a time) and the dynamic shared memory is one buffer. WMMA fragments
+// hold their whole 16x16 tile in every lane: the kernels only load, multiply and store whole
+// fragments, so the results are the same, computed 32 times over. Slow, but it executes the
+// kernels' own indexing, masking and synchronisation, so a machine without a GPU can check
+// them against a reference. g++ reads cuda_runtime.h's host view.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <barrier>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define SKYLOOM_CUDA_EMULATION 1
+#define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+#define SKYLOOM_DYNAMIC_SHARED_MEMORY(name) unsigned char* name = ::emu::dynamic_shared_memory
+
+namespace emu {
+
+alignas(128) inline unsigned char dynamic_shared_memory[256 * 1024];
+
+// Barriers for every aligned group of 2, 4, 8, 16 and 32 lanes: the partial-warp masks the
+// kernels use are such groups (the lanes of one row, or a whole warp).
+struct BlockState {
+  int threads;
+  std::barrier<> block;
+  std::vector<std::vector<std::unique_ptr<std::barrier<>>>> groups;  // [log2 size - 1][group]
+  std::vector<float> exchange;
+  explicit BlockState(int threads) : threads(threads), block(threads), groups(5), exchange(threads) {
+    for (int level = 0; level < 5; ++level) {
+      const int size = 2 << level;
+      for (int g = 0; g * size < threads; ++g)
+        groups[level].push_back(std::make_unique<std::barrier<>>(std::min(size, threads - g * size)));
+    }
+  }
+};
+
+inline thread_local BlockState* state = nullptr;
+inline thread_local uint3 thread_index{0, 0, 0};
+inline thread_local uint3 block_index{0, 0, 0};
+inline thread_local dim3 block_dim{1, 1, 1};
+
+inline std::barrier<>& group_of(unsigned mask) {
+  const int size = std::popcount(mask);
+  const int lane = int(thread_index.x % 32);
+  const bool aligned_group = size >= 2 && (size & (size - 1)) == 0 && mask == (((size == 32 ? 0u : 1u << size) - 1) << (lane & ~(size - 1)));
+  if (!aligned_group) {
+    std::fprintf(stderr, "emulate.h: lane %d used mask %#x, not an aligned group of lanes holding it\n", lane, mask);
+    std::abort();
+  }
+  return *state->groups[std::countr_zero(unsigned(size)) - 1][thread_index.x / size];
+}
+
+// Runs kernel() for every thread of `blocks` blocks of `threads` threads.
+template <class Kernel>
+void launch(unsigned blocks, int threads, Kernel kernel) {
+  for (unsigned b = 0; b < blocks; ++b) {
+    BlockState block(threads);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        state = &block;
+        thread_index = {unsigned(t), 0, 0};
+        block_index = {b, 0, 0};
+        block_dim = dim3(unsigned(threads));
+        kernel();
+        // A thread that returns leaves every barrier, as an exited CUDA thread does.
+        block.block.arrive_and_drop();
+        for (int level = 0; level < 5; ++level) block.groups[level][t / (2 << level)]->arrive_and_drop();
+      });
+    for (auto& thread : pool) thread.join();
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_index)
+#define blockIdx (::emu::block_index)
+#define blockDim (::emu::block_dim)
+
+inline void __syncthreads() { emu::state->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::group_of(mask).arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned mask, float x, int lane_mask) {
+  std::barrier<>& group = emu::group_of(mask);
+  emu::state->exchange[threadIdx.x] = x;
+  group.arrive_and_wait();
+  const float y = emu::state->exchange[threadIdx.x ^ lane_mask];
+  group.arrive_and_wait();
+  return y;
+}
+inline int atomicMax(int* address, int value) {
+  std::atomic_ref<int> target(*address);
+  int old = target.load();
+  while (old < value && !target.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// Only 16x16x16 is emulated: x[r][c] is the tile (A: M x K, B: K x N, accumulator: M x N).
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "emulate.h has 16x16x16 fragments only");
+  float x[16][16];
+};
+
+template <class Use, class T, class Layout>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
+  for (auto& row : f.x)
+    for (float& e : row) e = value;
+}
+
+// A and B: element (r, c) of the tile at p[r·ldm + c] when row-major, p[c·ldm + r] when column-major.
+template <class Use, class T, class Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout_t");
+  constexpr bool row = std::is_same_v<Layout, row_major>;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r][c] = static_cast<float>(row ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r][c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+// Lane 0 writes the tile; the other lanes see it after the kernel's own __syncwarp, as on a GPU.
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r][c];
+}
+
+template <class T, class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  fragment<accumulator, 16, 16, 16, float> result;
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[r][n];
+      for (int k = 0; k < 16; ++k) acc += a.x[r][k] * b.x[k][n];
+      result.x[r][n] = acc;
+    }
+  d = result;
+}
+
+}  // namespace nvcuda::wmma
