@@ -5,7 +5,8 @@ forward+backward; full mode against torch SDPA on ready-made (B, heads, T·S, D)
 spatial/temporal against the permute -> SDPA -> permute reference; patchify GB/s against a
 plain copy of the same bytes. CUDA (when available): the 480p-latent shapes (T=21, S=30×52,
 heads 12..24, head_dim 64/128, bf16) against SDPA's flash and cuDNN backends, with CUDA
-events, warm-up and an L2 flush before every timed call; TFLOP/s and the fraction of peak.
+events, warm-up and an L2 flush before every timed call; TFLOP/s and the fraction of peak, and
+GB/s against a device-to-device copy (the measure for the memory-bound temporal mode).
 
     python benchmarks/bench_ops.py [--device cpu|cuda|all] [--repeats N] [--quick]
 """
@@ -33,6 +34,15 @@ def attention_flops(shape, mode: str, causal: bool, backward: bool) -> float:
     rows, keys, count = {"full": (T * S, T * S, 1), "spatial": (S, S, T), "temporal": (T, T, S)}[mode]
     flops = 4.0 * B * heads * count * rows * keys * D * (0.5 if causal else 1.0)
     return flops * (3.5 if backward else 1.0)  # backward is ~2.5x the forward's matmuls
+
+
+def attention_bytes(shape, element_size: int, backward: bool) -> float:
+    """Bytes the op must move at least: forward reads q, k, v and writes out and lse; backward
+    reads grad_out, q, k, v, out and lse and writes the three gradients."""
+    B, T, S, heads, D = shape
+    tensor, lse = B * T * S * heads * D * element_size, B * T * S * heads * 4
+    forward = 4 * tensor + lse
+    return forward + (8 * tensor + lse if backward else 0)
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -127,11 +137,14 @@ def bench_cuda(repeats: int, quick: bool) -> list[str]:
     name = torch.cuda.get_device_name()
     peak = next((p for key, p in PEAK_BF16_TFLOPS.items() if key in name), None)
     rows = [f"CUDA device: {name}", "",
-            "| mode | shape | pass | skyloom ms | TFLOP/s | of peak | flash ms | cuDNN ms | speed-up vs best |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| mode | shape | pass | skyloom ms | TFLOP/s | of peak | GB/s | of copy | flash ms | cuDNN ms | "
+            "speed-up vs best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     configs = [(12, 64), (24, 64), (16, 128)] if not quick else [(12, 64)]
     for heads, D in configs:
         shape = (1, 21, 30 * 52, heads, D)
+        # Temporal mode is memory-bound: judge it in GB/s against a device-to-device copy's.
+        x = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        copy_gbps = 2 * x.numel() * x.element_size() / time_cuda(lambda: x.clone(), repeats) / 1e9
         for mode in ("full", "spatial", "temporal"):
             for backward in (False, True):
                 ours, base = attention_cases(shape, mode, torch.bfloat16, "cuda", backward)
@@ -145,10 +158,11 @@ def bench_cuda(repeats: int, quick: bool) -> list[str]:
                         base_times[label] = float("nan")
                 best = min((t for t in base_times.values() if t == t), default=float("nan"))
                 tflops = attention_flops(shape, mode, False, backward) / t_ours / 1e12
+                gbps = attention_bytes(shape, 2, backward) / t_ours / 1e9
                 rows.append(
                     f"| {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.2f} | {tflops:.0f} | "
-                    f"{'' if peak is None else f'{tflops / peak:.0%}'} | {base_times['flash'] * 1e3:.2f} | "
-                    f"{base_times['cudnn'] * 1e3:.2f} | {best / t_ours:.2f}× |")
+                    f"{'' if peak is None else f'{tflops / peak:.0%}'} | {gbps:.0f} | {gbps / copy_gbps:.2f} | "
+                    f"{base_times['flash'] * 1e3:.2f} | {base_times['cudnn'] * 1e3:.2f} | {best / t_ours:.2f}× |")
                 print(rows[-1], flush=True)
     for shape, patch in [((1, 16, 21, 60, 104), (1, 2, 2))]:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
