@@ -1,6 +1,6 @@
 """The CUDA attention kernels, executed on the CPU: tests/cuda_emulation/emulate.h runs each thread
 of a block as a host thread (barriers for __syncthreads/__syncwarp, an exchange for
-__shfl_xor_sync, whole-tile WMMA fragments), and attention.cpp checks out, lse, dQ, dK and dV
+__shfl_xor_sync, mma.sync with the PTX ISA's fragment layouts, whole-tile WMMA fragments), and attention.cpp checks out, lse, dQ, dK and dV
 against attention in double. This checks the kernels' indexing, masks and synchronisation where no
 GPU is; the CUDA-marked tests in test_ops.py check the compiled kernels where one is."""
 
@@ -50,8 +50,9 @@ def _check(binary, kernels, dtype, B, T, S, heads, D, mode, causal, valid, layou
 
 # kernels, dtype, B, T, S, heads, head_dim, mode, causal, valid_lengths, layout. The edges: T = 1
 # and T = 64 (the short-T kernels' longest), several sequences per block with a partial last one
-# (T = 21: 3 a block), more than one 64-row tile for WMMA (S = 70), a partial 128-row block for
-# the general kernels (L = 130), and the layouts the bindings pass through unchanged.
+# (T = 21: 3 a block), more than one 64-row tile for the tensor-core kernels (S = 70, L = 132), a
+# partial 128-row block for the general kernels (L = 130), and the layouts the bindings pass
+# through unchanged.
 CASES = [
     ("temporal", "f32", 1, 5, 3, 2, 32, "temporal", False, None, "contiguous"),
     ("temporal", "f32", 2, 21, 5, 2, 64, "temporal", True, None, "permuted"),
@@ -64,6 +65,10 @@ CASES = [
     ("general", "f32", 2, 2, 13, 3, 128, "spatial", False, None, "contiguous"),
     ("general", "f16", 2, 8, 3, 2, 64, "temporal", True, None, "permuted"),
     ("general", "bf16", 1, 70, 2, 1, 32, "temporal", True, None, "contiguous"),
+    ("mma", "f16", 1, 3, 7, 1, 64, "full", False, None, "contiguous"),
+    ("mma", "bf16", 2, 5, 17, 2, 128, "full", True, [3, 2], "permuted"),
+    ("mma", "f16", 1, 3, 70, 2, 64, "spatial", False, None, "padded"),
+    ("mma", "bf16", 2, 4, 33, 3, 128, "full", True, None, "padded"),
     ("wmma", "f16", 1, 3, 7, 1, 64, "full", False, None, "contiguous"),
     ("wmma", "bf16", 2, 5, 17, 2, 128, "full", True, [3, 2], "permuted"),
     ("wmma", "f16", 1, 3, 70, 2, 64, "spatial", False, None, "padded"),
@@ -79,12 +84,13 @@ def test_kernels_match_attention_in_double(emulated_kernels, case):
 
 @st.composite
 def emulated_problems(draw):
-    kernels = draw(st.sampled_from(["general", "wmma", "temporal"]))
+    kernels = draw(st.sampled_from(["general", "mma", "wmma", "temporal"]))
+    tensor_cores = kernels in ("mma", "wmma")
     mode = "temporal" if kernels == "temporal" else draw(st.sampled_from(["full", "spatial", "temporal"]))
-    if kernels == "wmma":
+    if tensor_cores:
         mode = draw(st.sampled_from(["full", "spatial"]))
-    dtype = draw(st.sampled_from(["f16", "bf16"] if kernels == "wmma" else ["f32", "f16", "bf16"]))
-    D = draw(st.sampled_from([64, 128] if kernels == "wmma" else [32, 64, 128]))
+    dtype = draw(st.sampled_from(["f16", "bf16"] if tensor_cores else ["f32", "f16", "bf16"]))
+    D = draw(st.sampled_from([64, 128] if tensor_cores else [32, 64, 128]))
     B, T, S, heads = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 11)), draw(st.integers(1, 3))
     causal = mode != "spatial" and draw(st.booleans())
     valid = [draw(st.integers(1, T)) for _ in range(B)] if mode == "full" and draw(st.booleans()) else None

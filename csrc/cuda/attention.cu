@@ -1,9 +1,10 @@
 // Spacetime attention on the GPU, forward and backward: which kernels run, and their launches.
 //
-// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: the tensor-core kernel
-// (flash::wmma_forward_kernel). Temporal mode with T <= 64 and 16-byte-aligned rows: the
-// short-sequence kernels of temporal_attention.cu. Everything else: the CUDA-core kernels of
-// attention_kernels.cuh (docs/kernels.md).
+// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: the tensor-core kernels,
+// flash::mma_forward_kernel (mma.sync, registers) where rows are 16-byte aligned, else
+// flash::wmma_forward_kernel (WMMA, accumulator in shared memory). Temporal mode with T <= 64
+// and 16-byte-aligned rows: the short-sequence kernels of temporal_attention.cu. Everything
+// else: the CUDA-core kernels of attention_kernels.cuh (docs/kernels.md).
 #include <cstdint>
 #include <type_traits>
 
@@ -38,6 +39,15 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
     constexpr int D = decltype(dim)::value;
     if constexpr (!std::is_same_v<T, float> && D >= 64) {
       if (options.mode != cpu::AttentionMode::kTemporal && tensor_cores_available()) {
+        if (rows_aligned(dtype, {{q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride}, {out.data, out.stride}})) {
+          const size_t smem = MmaSmem<T, D>::bytes;
+          cudaFuncSetAttribute(mma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+          mma_forward_kernel<T, D><<<row_blocks(p, kMmaRows), 32 * kMmaWarps, smem, stream>>>(
+              p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
+              strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
+              strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
+          return;
+        }
         const size_t smem = WmmaSmem<T, D>::bytes;
         cudaFuncSetAttribute(wmma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
         wmma_forward_kernel<T, D><<<row_blocks(p, kWmmaRows), 32 * kWmmaWarps, smem, stream>>>(

@@ -6,7 +6,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
 
@@ -37,6 +39,25 @@ struct Strides {
 };
 
 inline Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
+
+// A (B, T, S, heads, head_dim) operand as the launchers check it.
+struct Operand {
+  const void* data;
+  const int64_t* stride;
+};
+
+inline int64_t element_size_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// 16-byte loads and stores need every row start of every operand 16-byte aligned: the base
+// pointer and all four strides (head_dim is unit-stride, as the bindings guarantee).
+inline bool rows_aligned(DType dtype, std::initializer_list<Operand> operands) {
+  for (const Operand& o : operands) {
+    if (reinterpret_cast<uintptr_t>(o.data) % 16 != 0) return false;
+    for (int i = 0; i < 4; ++i)
+      if ((o.stride[i] * element_size_of(dtype)) % 16 != 0) return false;
+  }
+  return true;
+}
 
 // Runtime dtype and head_dim to template arguments (flash-attention's static_switch idea).
 template <class Fn>

@@ -16,6 +16,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention_common.cuh"
 #include "cuda/kernels.h"
@@ -455,6 +456,208 @@ __global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
     const float l = l_s[r];
     out[ov.offset(i) + d] = from_float<T>(l > 0.f ? o_s[idx] / l : 0.f);
     if (d == 0) lse[lv.offset(i)] = l > 0.f ? (m_s[r] + log2f(l)) * kLn2 : INFINITY;
+  }
+#endif
+}
+
+// ---- tensor-core forward, mma.sync ---------------------------------------------------------
+// flash-attention-2's forward: a block owns 64 query rows, warp w rows [16w, 16w+16); lane
+// (g = lane / 4, c = lane % 4) holds rows g and g + 8 of its warp's rows. Q stays in registers
+// as mma A fragments; per 64-key tile staged in shared memory, S = Q·Kᵀ lands in registers
+// (8 tiles of 16 x 8), the masked online softmax runs on those registers (the row's four
+// lanes meet through two shuffles), and the C layout of S is the A layout of P, so O += P·V
+// needs no data movement. O stays in registers (head_dim / 8 tiles of 16 x 8) throughout.
+// Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
+constexpr int kMmaRows = 64, kMmaKeys = 64, kMmaWarps = 4;
+constexpr int kMmaPad = 8;  // elements of padding per shared-memory row: rows 4 banks apart
+
+template <class T, int D>
+struct MmaSmem {
+  static constexpr int kRow = D + kMmaPad;
+  static constexpr size_t bytes = 2 * kMmaKeys * kRow * sizeof(T);  // K tile, V tile
+};
+
+// Two 16-bit values as one 32-bit mma operand register, the first in the low half.
+template <class T>
+union Pair {
+  uint32_t u;
+  T h[2];
+};
+
+template <class T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  Pair<T> pair;
+  pair.h[0] = from_float<T>(lo);
+  pair.h[1] = from_float<T>(hi);
+  return pair.u;
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack(T lo, T hi) {
+  Pair<T> pair;
+  pair.h[0] = lo;
+  pair.h[1] = hi;
+  return pair.u;
+}
+
+// d += A·B for one 16 x 8 x 16 tile, fp32 accumulation. a: row-major A; b: column-major B.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(SKYLOOM_CUDA_EMULATION)
+  emu::mma_m16n8k16<T>(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Query rows need 16-byte-aligned starts (the launcher checks): Q is read 4 bytes at a time,
+// K and V 16, and the output written 4.
+template <class T, int D>
+__global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
+    Problem p, const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks, const T* __restrict__ v,
+    Strides vs, T* __restrict__ out, Strides os, float* __restrict__ lse, Strides ls) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
+  using L = MmaSmem<T, D>;
+  SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
+  T* k_s = reinterpret_cast<T*>(smem);
+  T* v_s = k_s + kMmaKeys * L::kRow;
+  __shared__ int key_end;
+
+  const int64_t tiles = (p.L + kMmaRows - 1) / kMmaRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const int64_t row[2] = {bc.tile * kMmaRows + warp * 16 + g, bc.tile * kMmaRows + warp * 16 + g + 8};
+  const bool valid[2] = {row[0] < p.L, row[1] < p.L};
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head);
+  int64_t limit[2];
+  for (int h = 0; h < 2; ++h) limit[h] = valid[h] ? p.key_limit(bc.group, row[h]) : 0;
+
+  if (tid == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(max(limit[0], limit[1])));
+
+  // Q as A fragments: register r of k-step kk holds row g (r even) or g + 8 (r odd), columns
+  // 16·kk + 2c (r < 2) or 16·kk + 8 + 2c (r >= 2), two at a time.
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int h = r & 1, col = 16 * kk + 8 * (r >> 1) + 2 * c;
+      qa[kk][r] = valid[h] ? *reinterpret_cast<const uint32_t*>(q + qv.offset(row[h]) + col) : 0u;
+    }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's share of the row sum
+  const float score_scale = p.scale * kLog2e;
+  __syncthreads();
+
+  for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
+    constexpr int kChunks = D / 8;  // 16-byte chunks per row
+    for (int idx = tid; idx < kMmaKeys * kChunks; idx += 32 * kMmaWarps) {
+      const int j = idx / kChunks, ch = idx % kChunks;
+      const int64_t key = k0 + j;
+      uint4 kc = make_uint4(0, 0, 0, 0), vc = kc;
+      if (key < p.L) {
+        kc = *reinterpret_cast<const uint4*>(k + kv.offset(key) + ch * 8);
+        vc = *reinterpret_cast<const uint4*>(v + vv.offset(key) + ch * 8);
+      }
+      *reinterpret_cast<uint4*>(k_s + j * L::kRow + ch * 8) = kc;
+      *reinterpret_cast<uint4*>(v_s + j * L::kRow + ch * 8) = vc;
+    }
+    __syncthreads();
+
+    // S = Q·Kᵀ: tile j covers keys k0 + 8j .. +7; B = Kᵀ, so b (k = 2c, 2c+1; n = g) is a pair
+    // of adjacent elements of key row 8j + g.
+    float s[kMmaKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kMmaKeys / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const T* key_row = k_s + (8 * j + g) * L::kRow + 2 * c;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        mma_16816<T>(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(key_row + 16 * kk),
+                     *reinterpret_cast<const uint32_t*>(key_row + 16 * kk + 8));
+    }
+
+    // Masked online softmax in log2 units: s[j][e] is row g (e < 2) or g + 8, key k0 + 8j + 2c + (e & 1).
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 8; ++j)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          const int64_t key = k0 + 8 * j + 2 * c + (e & 1);
+          s[j][e] = key < limit[h] ? s[j][e] * score_scale : -INFINITY;
+          mx = fmaxf(mx, s[j][e]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[h], mx);
+      alpha[h] = m_new == -INFINITY ? 1.f : exp2f(m[h] - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 8; ++j)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          s[j][e] = m_new == -INFINITY ? 0.f : exp2f(s[j][e] - m_new);
+          sum += s[j][e];
+        }
+      l[h] = l[h] * alpha[h] + sum;
+      m[h] = m_new;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    }
+
+    // O += P·V: P's A fragment for keys 16kk.. is S tiles 2kk and 2kk + 1; B = V, so b
+    // (k = 2c, 2c+1; n = g) pairs two key rows of one column.
+#pragma unroll
+    for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack<T>(s[2 * kk][0], s[2 * kk][1]), pack<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const T* v_rows = v_s + (16 * kk + 2 * c) * L::kRow + g;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const T* col = v_rows + 8 * n;
+        mma_16816<T>(o[n], pa, pack<T>(col[0], col[L::kRow]), pack<T>(col[8 * L::kRow], col[9 * L::kRow]));
+      }
+    }
+    __syncthreads();  // before the next tile overwrites K and V
+  }
+
+  const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float total = l[h];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    if (!valid[h]) continue;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    T* out_row = out + ov.offset(row[h]) + 2 * c;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(out_row + 8 * n) = pack<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+    if (c == 0) lse[lv.offset(row[h])] = total > 0.f ? (m[h] + log2f(total)) * kLn2 : INFINITY;
   }
 #endif
 }

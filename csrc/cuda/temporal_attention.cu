@@ -1,7 +1,6 @@
 // Launchers of the short-T temporal attention kernels (temporal_attention_kernels.cuh): they
 // take a problem only when its rows allow 16-byte accesses and the block's shared memory fits.
 #include <cstdint>
-#include <initializer_list>
 
 #include "cuda/temporal_attention_kernels.cuh"
 
@@ -11,20 +10,6 @@ namespace {
 using temporal::RowSlice;
 using temporal::TemporalProblem;
 
-struct Operand {
-  const void* data;
-  const int64_t* stride;
-};
-
-// 16-byte loads and stores need every row start 16-byte aligned: the base pointer and all
-// four strides (head_dim is unit-stride, as the bindings guarantee).
-bool rows_aligned(const void* data, const int64_t* stride, int64_t element_size) {
-  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
-  for (int i = 0; i < 4; ++i)
-    if ((stride[i] * element_size) % 16 != 0) return false;
-  return true;
-}
-
 bool smem_available(size_t bytes) {
   int device = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
@@ -32,7 +17,6 @@ bool smem_available(size_t bytes) {
   return bytes <= size_t(optin);
 }
 
-int64_t element_size_of(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 // Whether the short-T kernels take this problem: temporal mode, 1 <= T <= kTemporalMaxFrames,
 // a CUDA head_dim, the block's shared memory available, and every operand's rows aligned.
@@ -41,9 +25,7 @@ bool takes(DType dtype, const AttentionShape& shape, const AttentionOptions& opt
   if (options.mode != cpu::AttentionMode::kTemporal || shape.T < 1 || shape.T > kTemporalMaxFrames ||
       !head_dim_supported(shape.head_dim) || !smem_available(smem))
     return false;
-  for (const Operand& o : operands)
-    if (!rows_aligned(o.data, o.stride, element_size_of(dtype))) return false;
-  return true;
+  return rows_aligned(dtype, operands);
 }
 
 }  // namespace

@@ -3,8 +3,8 @@
 // inputs.
 //
 //   attention KERNELS DTYPE B T S HEADS D MODE CAUSAL VALID LAYOUT
-//     KERNELS  general (CUDA-core forward and backward), wmma (tensor-core forward, general
-//              backward) or temporal (the short-T kernels)
+//     KERNELS  general (CUDA-core forward and backward), mma or wmma (a tensor-core forward,
+//              general backward) or temporal (the short-T kernels)
 //     DTYPE f32|f16|bf16   MODE full|spatial|temporal   CAUSAL 0|1
 //     VALID    - or per-video frame counts, comma-separated (full mode)
 //     LAYOUT   contiguous|permuted|padded
@@ -28,7 +28,7 @@ using namespace skyloom;
 using namespace skyloom::cuda;
 
 [[noreturn]] void usage(const std::string& problem) {
-  std::fprintf(stderr, "%s\nusage: attention general|wmma|temporal f32|f16|bf16 B T S HEADS D "
+  std::fprintf(stderr, "%s\nusage: attention general|mma|wmma|temporal f32|f16|bf16 B T S HEADS D "
                        "full|spatial|temporal CAUSAL(0|1) VALID(-|n,n,...) contiguous|permuted|padded\n",
                problem.c_str());
   std::exit(2);
@@ -141,14 +141,19 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
   } else {
     using namespace flash;
     const Problem p = make_problem(shape, options);
-    if (c.kernels == "wmma") {
+    if (c.kernels == "wmma" || c.kernels == "mma") {
       if constexpr (!std::is_same_v<T, float> && D >= 64) {
         if (WmmaSmem<T, D>::bytes > sizeof(emu::dynamic_shared_memory)) std::abort();
-        emu::launch(row_blocks(p, kWmmaRows), 32 * kWmmaWarps, [&] {
-          wmma_forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
-        });
+        if (c.kernels == "wmma")
+          emu::launch(row_blocks(p, kWmmaRows), 32 * kWmmaWarps, [&] {
+            wmma_forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
+          });
+        else
+          emu::launch(row_blocks(p, kMmaRows), 32 * kMmaWarps, [&] {
+            mma_forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
+          });
       } else {
-        usage("the wmma kernel takes f16/bf16 with head_dim 64 or 128");
+        usage("the tensor-core kernels take f16/bf16 with head_dim 64 or 128");
       }
     } else {
       emu::launch(row_blocks(p, kRows), kRows, [&] {
@@ -253,7 +258,8 @@ int main(int argc, char** argv) {
     if (int64_t(c.valid.size()) != c.B) usage("VALID needs one frame count per video");
   }
   c.scale = 1.0 / std::sqrt(double(c.D));
-  if (c.kernels != "general" && c.kernels != "wmma" && c.kernels != "temporal") usage("unknown kernels " + c.kernels);
+  if (c.kernels != "general" && c.kernels != "mma" && c.kernels != "wmma" && c.kernels != "temporal")
+    usage("unknown kernels " + c.kernels);
   if (c.mode != "full" && c.mode != "spatial" && c.mode != "temporal") usage("unknown mode " + c.mode);
   if (c.kernels == "temporal" && (c.mode != "temporal" || c.T < 1 || c.T > kTemporalMaxFrames))
     usage("the temporal kernels take temporal mode with T in 1..64");

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -40,7 +41,9 @@ struct BlockState {
   std::barrier<> block;
   std::vector<std::vector<std::unique_ptr<std::barrier<>>>> groups;  // [log2 size - 1][group]
   std::vector<float> exchange;
-  explicit BlockState(int threads) : threads(threads), block(threads), groups(5), exchange(threads) {
+  std::vector<uint32_t> mma_a, mma_b;  // every lane's mma.sync A and B registers
+  explicit BlockState(int threads)
+      : threads(threads), block(threads), groups(5), exchange(threads), mma_a(4 * threads), mma_b(2 * threads) {
     for (int level = 0; level < 5; ++level) {
       const int size = 2 << level;
       for (int g = 0; g * size < threads; ++g)
@@ -111,6 +114,48 @@ inline int atomicMax(int* address, int value) {
 }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+namespace emu {
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the warp's lanes pool their registers and
+// each computes its own four outputs. The layouts are the PTX ISA's ("Matrix Fragments for
+// mma.m16n8k16 with floating point type"), lane = 4·groupID + threadID_in_group:
+//   A (16 x 16): register r of lane (g, c) holds row g + 8·(r & 1), columns 2c + 8·(r >> 1) + {0, 1}
+//   B (16 x 8):  register r holds rows 2c + 8·r + {0, 1} of column g
+//   C (16 x 8):  element i holds row g + 8·(i >> 1), column 2c + (i & 1)
+template <class T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  BlockState& s = *state;
+  const int t = int(thread_index.x), first = t - t % 32, lane = t % 32;
+  for (int r = 0; r < 4; ++r) s.mma_a[4 * t + r] = a[r];
+  s.mma_b[2 * t] = b0, s.mma_b[2 * t + 1] = b1;
+  std::barrier<>& warp = group_of(0xffffffffu);
+  warp.arrive_and_wait();
+  auto half = [](uint32_t reg, int which) {
+    T pair[2];
+    std::memcpy(pair, &reg, sizeof reg);
+    return static_cast<float>(pair[which]);
+  };
+  auto A = [&](int row, int k) {
+    const int owner = first + 4 * (row % 8) + (k % 8) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half(s.mma_a[4 * owner + reg], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const int owner = first + 4 * n + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+    return half(s.mma_b[2 * owner + reg], k % 2);
+  };
+  float result[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i >> 1), col = 2 * (lane % 4) + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    result[i] = acc;
+  }
+  warp.arrive_and_wait();  // every lane has read the pool before any lane's next mma refills it
+  for (int i = 0; i < 4; ++i) d[i] = result[i];
+}
+
+}  // namespace emu
 
 namespace nvcuda::wmma {
 
