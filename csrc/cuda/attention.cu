@@ -40,9 +40,9 @@ void attention_forward(DType dtype, const AttentionShape& shape, const Attention
     if constexpr (!std::is_same_v<T, float> && D >= 64) {
       if (options.mode != cpu::AttentionMode::kTemporal && tensor_cores_available()) {
         if (rows_aligned(dtype, {{q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride}, {out.data, out.stride}})) {
-          const size_t smem = MmaSmem<T, D>::bytes;
+          const size_t smem = MmaTraits<T, D>::smem_bytes;
           cudaFuncSetAttribute(mma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-          mma_forward_kernel<T, D><<<row_blocks(p, kMmaRows), 32 * kMmaWarps, smem, stream>>>(
+          mma_forward_kernel<T, D><<<row_blocks(p, MmaTraits<T, D>::kRows), 32 * kMmaWarps, smem, stream>>>(
               p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
               strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
               strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));

@@ -461,20 +461,24 @@ __global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
 }
 
 // ---- tensor-core forward, mma.sync ---------------------------------------------------------
-// flash-attention-2's forward: a block owns 64 query rows, warp w rows [16w, 16w+16); lane
-// (g = lane / 4, c = lane % 4) holds rows g and g + 8 of its warp's rows. Q stays in registers
-// as mma A fragments; per 64-key tile staged in shared memory, S = Q·Kᵀ lands in registers
-// (8 tiles of 16 x 8), the masked online softmax runs on those registers (the row's four
-// lanes meet through two shuffles), and the C layout of S is the A layout of P, so O += P·V
-// needs no data movement. O stays in registers (head_dim / 8 tiles of 16 x 8) throughout.
-// Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
-constexpr int kMmaRows = 64, kMmaKeys = 64, kMmaWarps = 4;
+// flash-attention-2's forward: warp w of a block owns kTiles 16-row tiles of query rows, and
+// lane (g = lane / 4, c = lane % 4) holds rows g and g + 8 of each. Q stays in registers as
+// mma A fragments; per 64-key tile staged in shared memory, S = Q·Kᵀ lands in registers (8
+// tiles of 16 x 8 per row tile), the masked online softmax runs on those registers (a row's
+// four lanes meet through two shuffles), and the C layout of S is the A layout of P, so
+// O += P·V needs no data movement. O stays in registers (head_dim / 8 tiles of 16 x 8 per row
+// tile). Each K and V fragment read from shared memory serves all kTiles row tiles: two for
+// head_dim 64 halve those reads per row; head_dim 128 keeps one, as two would not fit in 255
+// registers. Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16".
+constexpr int kMmaKeys = 64, kMmaWarps = 4;
 constexpr int kMmaPad = 8;  // elements of padding per shared-memory row: rows 4 banks apart
 
 template <class T, int D>
-struct MmaSmem {
+struct MmaTraits {
+  static constexpr int kTiles = D == 64 ? 2 : 1;  // 16-row tiles per warp
+  static constexpr int kRows = 16 * kTiles * kMmaWarps;  // query rows per block
   static constexpr int kRow = D + kMmaPad;
-  static constexpr size_t bytes = 2 * kMmaKeys * kRow * sizeof(T);  // K tile, V tile
+  static constexpr size_t smem_bytes = 2 * kMmaKeys * kRow * sizeof(T);  // K tile, V tile
 };
 
 // Two 16-bit values as one 32-bit mma operand register, the first in the low half.
@@ -522,6 +526,21 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// r[i] = the transpose-read fragment of 8 x 8 matrix i, whose rows lanes 8i..8i+7 point at:
+// lane (g, c) gets elements (2c, g) and (2c + 1, g), i.e. an mma B register read from a
+// row-major K x N tile. Rows 16-byte aligned, in shared memory.
+template <class T>
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
+#if defined(SKYLOOM_CUDA_EMULATION)
+  emu::ldmatrix_x4_trans(r, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+#endif
+}
+
 // Query rows need 16-byte-aligned starts (the launcher checks): Q is read 4 bytes at a time,
 // K and V 16, and the output written 4.
 template <class T, int D>
@@ -529,42 +548,60 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
     Problem p, const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks, const T* __restrict__ v,
     Strides vs, T* __restrict__ out, Strides os, float* __restrict__ lse, Strides ls) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
-  using L = MmaSmem<T, D>;
+  using L = MmaTraits<T, D>;
+  constexpr int M = L::kTiles;
   SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
   T* k_s = reinterpret_cast<T*>(smem);
   T* v_s = k_s + kMmaKeys * L::kRow;
   __shared__ int key_end;
 
-  const int64_t tiles = (p.L + kMmaRows - 1) / kMmaRows;
+  const int64_t tiles = (p.L + L::kRows - 1) / L::kRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int64_t row[2] = {bc.tile * kMmaRows + warp * 16 + g, bc.tile * kMmaRows + warp * 16 + g + 8};
-  const bool valid[2] = {row[0] < p.L, row[1] < p.L};
   const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
                 vv = p.view(vs, bc.group, bc.head);
-  int64_t limit[2];
-  for (int h = 0; h < 2; ++h) limit[h] = valid[h] ? p.key_limit(bc.group, row[h]) : 0;
+  // Row h of row tile t of this lane: h = 0 is row g, h = 1 row g + 8.
+  int64_t row[M][2], limit[M][2];
+  int64_t most = 0;
+#pragma unroll
+  for (int t = 0; t < M; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row[t][h] = bc.tile * L::kRows + (warp * M + t) * 16 + g + 8 * h;
+      limit[t][h] = row[t][h] < p.L ? p.key_limit(bc.group, row[t][h]) : 0;
+      most = max(most, limit[t][h]);
+    }
 
   if (tid == 0) key_end = 0;
   __syncthreads();
-  atomicMax(&key_end, int(max(limit[0], limit[1])));
+  atomicMax(&key_end, int(most));
 
-  // Q as A fragments: register r of k-step kk holds row g (r even) or g + 8 (r odd), columns
-  // 16·kk + 2c (r < 2) or 16·kk + 8 + 2c (r >= 2), two at a time.
-  uint32_t qa[D / 16][4];
+  // Q as A fragments: register r of k-step kk holds row g + 8·(r & 1), columns
+  // 16·kk + 8·(r >> 1) + 2c and the next.
+  uint32_t qa[M][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
+  for (int t = 0; t < M; ++t)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int h = r & 1, col = 16 * kk + 8 * (r >> 1) + 2 * c;
-      qa[kk][r] = valid[h] ? *reinterpret_cast<const uint32_t*>(q + qv.offset(row[h]) + col) : 0u;
-    }
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = row[t][r & 1];
+        const int col = 16 * kk + 8 * (r >> 1) + 2 * c;
+        qa[t][kk][r] = i < p.L ? *reinterpret_cast<const uint32_t*>(q + qv.offset(i) + col) : 0u;
+      }
 
-  float o[D / 8][4];
+  float o[M][D / 8][4];
+  float m[M][2], l[M][2];  // l: this lane's share of the row sum
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's share of the row sum
+  for (int t = 0; t < M; ++t) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[t][n][0] = o[t][n][1] = o[t][n][2] = o[t][n][3] = 0.f;
+    m[t][0] = m[t][1] = -INFINITY;
+    l[t][0] = l[t][1] = 0.f;
+  }
   const float score_scale = p.scale * kLog2e;
+  const int matrix = lane / 8;  // the ldmatrix matrix this lane points into
+  const T* v_lane = v_s + (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
@@ -584,62 +621,75 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
 
     // S = Q·Kᵀ: tile j covers keys k0 + 8j .. +7; B = Kᵀ, so b (k = 2c, 2c+1; n = g) is a pair
     // of adjacent elements of key row 8j + g.
-    float s[kMmaKeys / 8][4];
+    float s[M][kMmaKeys / 8][4];
 #pragma unroll
     for (int j = 0; j < kMmaKeys / 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int t = 0; t < M; ++t) s[t][j][0] = s[t][j][1] = s[t][j][2] = s[t][j][3] = 0.f;
       const T* key_row = k_s + (8 * j + g) * L::kRow + 2 * c;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        mma_16816<T>(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(key_row + 16 * kk),
-                     *reinterpret_cast<const uint32_t*>(key_row + 16 * kk + 8));
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(key_row + 16 * kk);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(key_row + 16 * kk + 8);
+#pragma unroll
+        for (int t = 0; t < M; ++t) mma_16816<T>(s[t][j], qa[t][kk], b0, b1);
+      }
     }
 
-    // Masked online softmax in log2 units: s[j][e] is row g (e < 2) or g + 8, key k0 + 8j + 2c + (e & 1).
-    float alpha[2];
+    // Masked online softmax in log2 units: s[t][j][e] is row h = e >> 1, key k0 + 8j + 2c + (e & 1).
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
+    for (int t = 0; t < M; ++t)
 #pragma unroll
-      for (int j = 0; j < kMmaKeys / 8; ++j)
+      for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int e = 2 * h; e < 2 * h + 2; ++e) {
-          const int64_t key = k0 + 8 * j + 2 * c + (e & 1);
-          s[j][e] = key < limit[h] ? s[j][e] * score_scale : -INFINITY;
-          mx = fmaxf(mx, s[j][e]);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      alpha[h] = m_new == -INFINITY ? 1.f : exp2f(m[h] - m_new);
-      float sum = 0.f;
+        for (int j = 0; j < kMmaKeys / 8; ++j)
 #pragma unroll
-      for (int j = 0; j < kMmaKeys / 8; ++j)
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const int64_t key = k0 + 8 * j + 2 * c + (e & 1);
+            s[t][j][e] = key < limit[t][h] ? s[t][j][e] * score_scale : -INFINITY;
+            mx = fmaxf(mx, s[t][j][e]);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[t][h], mx);
+        const float alpha = m_new == -INFINITY ? 1.f : exp2f(m[t][h] - m_new);
+        float sum = 0.f;
 #pragma unroll
-        for (int e = 2 * h; e < 2 * h + 2; ++e) {
-          s[j][e] = m_new == -INFINITY ? 0.f : exp2f(s[j][e] - m_new);
-          sum += s[j][e];
-        }
-      l[h] = l[h] * alpha[h] + sum;
-      m[h] = m_new;
-    }
+        for (int j = 0; j < kMmaKeys / 8; ++j)
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0], o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-    }
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[t][j][e] = m_new == -INFINITY ? 0.f : exp2f(s[t][j][e] - m_new);
+            sum += s[t][j][e];
+          }
+        l[t][h] = l[t][h] * alpha + sum;
+        m[t][h] = m_new;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) o[t][n][2 * h] *= alpha, o[t][n][2 * h + 1] *= alpha;
+      }
 
-    // O += P·V: P's A fragment for keys 16kk.. is S tiles 2kk and 2kk + 1; B = V, so b
-    // (k = 2c, 2c+1; n = g) pairs two key rows of one column.
+    // O += P·V: P's A fragment for keys 16kk.. is S tiles 2kk and 2kk + 1. B = V pairs two
+    // key rows of one column, which ldmatrix.trans reads for two O tiles at once: matrices
+    // (keys 16kk.. / 16kk+8.., columns 8n.. / 8n+8..), lane l pointing at row l % 8 of matrix l / 8.
 #pragma unroll
     for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
-      const uint32_t pa[4] = {pack<T>(s[2 * kk][0], s[2 * kk][1]), pack<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const T* v_rows = v_s + (16 * kk + 2 * c) * L::kRow + g;
+      uint32_t pa[M][4];
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const T* col = v_rows + 8 * n;
-        mma_16816<T>(o[n], pa, pack<T>(col[0], col[L::kRow]), pack<T>(col[8 * L::kRow], col[9 * L::kRow]));
+      for (int t = 0; t < M; ++t) {
+        pa[t][0] = pack<T>(s[t][2 * kk][0], s[t][2 * kk][1]);
+        pa[t][1] = pack<T>(s[t][2 * kk][2], s[t][2 * kk][3]);
+        pa[t][2] = pack<T>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+        pa[t][3] = pack<T>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_lane + 16 * kk * L::kRow + 8 * n);
+#pragma unroll
+        for (int t = 0; t < M; ++t) {
+          mma_16816<T>(o[t][n], pa[t], b[0], b[1]);
+          mma_16816<T>(o[t][n + 1], pa[t], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // before the next tile overwrites K and V
@@ -647,18 +697,20 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
 
   const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float total = l[h];
-    total += __shfl_xor_sync(0xffffffffu, total, 1);
-    total += __shfl_xor_sync(0xffffffffu, total, 2);
-    if (!valid[h]) continue;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    T* out_row = out + ov.offset(row[h]) + 2 * c;
+  for (int t = 0; t < M; ++t)
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<uint32_t*>(out_row + 8 * n) = pack<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-    if (c == 0) lse[lv.offset(row[h])] = total > 0.f ? (m[h] + log2f(total)) * kLn2 : INFINITY;
-  }
+    for (int h = 0; h < 2; ++h) {
+      float total = l[t][h];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      if (row[t][h] >= p.L) continue;
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      T* out_row = out + ov.offset(row[t][h]) + 2 * c;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<uint32_t*>(out_row + 8 * n) = pack<T>(o[t][n][2 * h] * inv, o[t][n][2 * h + 1] * inv);
+      if (c == 0) lse[lv.offset(row[t][h])] = total > 0.f ? (m[t][h] + log2f(total)) * kLn2 : INFINITY;
+    }
 #endif
 }
 

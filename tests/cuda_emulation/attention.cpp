@@ -149,7 +149,7 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
             wmma_forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
           });
         else
-          emu::launch(row_blocks(p, kMmaRows), 32 * kMmaWarps, [&] {
+          emu::launch(row_blocks(p, MmaTraits<T, D>::kRows), 32 * kMmaWarps, [&] {
             mma_forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
           });
       } else {

@@ -42,8 +42,10 @@ struct BlockState {
   std::vector<std::vector<std::unique_ptr<std::barrier<>>>> groups;  // [log2 size - 1][group]
   std::vector<float> exchange;
   std::vector<uint32_t> mma_a, mma_b;  // every lane's mma.sync A and B registers
+  std::vector<const void*> rows;       // every lane's ldmatrix row address
   explicit BlockState(int threads)
-      : threads(threads), block(threads), groups(5), exchange(threads), mma_a(4 * threads), mma_b(2 * threads) {
+      : threads(threads), block(threads), groups(5), exchange(threads), mma_a(4 * threads), mma_b(2 * threads),
+        rows(threads) {
     for (int level = 0; level < 5; ++level) {
       const int size = 2 << level;
       for (int g = 0; g * size < threads; ++g)
@@ -153,6 +155,25 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   }
   warp.arrive_and_wait();  // every lane has read the pool before any lane's next mma refills it
   for (int i = 0; i < 4; ++i) d[i] = result[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lanes 8i..8i+7 give the rows of matrix i;
+// register i of lane (g, c) receives its elements (2c, g) and (2c + 1, g), the first in the
+// low half (PTX ISA, ldmatrix).
+template <class T>
+void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
+  BlockState& s = *state;
+  const int t = int(thread_index.x), first = t - t % 32, lane = t % 32, g = lane / 4, c = lane % 4;
+  s.rows[t] = row;
+  std::barrier<>& warp = group_of(0xffffffffu);
+  warp.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t pair[2];
+    for (int h = 0; h < 2; ++h)
+      std::memcpy(&pair[h], static_cast<const T*>(s.rows[first + 8 * i + 2 * c + h]) + g, sizeof(uint16_t));
+    std::memcpy(&r[i], pair, sizeof r[i]);
+  }
+  warp.arrive_and_wait();
 }
 
 }  // namespace emu
