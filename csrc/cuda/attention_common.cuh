@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "cpu/dtypes.h"
@@ -39,6 +40,14 @@ struct Strides {
 };
 
 inline Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
+
+// A launch's block count: grid.x holds at most 2^31 - 1 blocks.
+inline unsigned grid_size(int64_t blocks) {
+  if (blocks > 2147483647)
+    throw std::invalid_argument("spacetime_attention (CUDA): the problem needs " + std::to_string(blocks) +
+                                " thread blocks, over CUDA's 2^31 - 1; split the batch");
+  return unsigned(blocks);
+}
 
 // A (B, T, S, heads, head_dim) operand as the launchers check it.
 struct Operand {

@@ -26,7 +26,9 @@ namespace skyloom::cuda::flash {
 // Token i of a sequence sits at base + (i / inner_len)·outer + (i % inner_len)·inner.
 struct SeqView {
   int64_t base, outer, inner, inner_len;
-  __device__ __forceinline__ int64_t offset(int64_t i) const { return base + (i / inner_len) * outer + (i % inner_len) * inner; }
+  __device__ __forceinline__ int64_t offset(int64_t i) const {
+    return base + (i / inner_len) * outer + (i % inner_len) * inner;
+  }
 };
 
 struct Problem {
@@ -39,7 +41,8 @@ struct Problem {
   __device__ SeqView view(const Strides& st, int64_t group, int64_t head) const {
     const int64_t* s = st.s;
     if (mode == int(cpu::AttentionMode::kFull)) return {group * s[0] + head * s[3], s[1], s[2], S};
-    if (mode == int(cpu::AttentionMode::kSpatial)) return {(group / T) * s[0] + (group % T) * s[1] + head * s[3], 0, s[2], S};
+    if (mode == int(cpu::AttentionMode::kSpatial))
+      return {(group / T) * s[0] + (group % T) * s[1] + head * s[3], 0, s[2], S};
     return {(group / S) * s[0] + (group % S) * s[2] + head * s[3], 0, s[1], T};
   }
   // keys [0, limit) are visible to query row i
@@ -541,6 +544,29 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row
 #endif
 }
 
+// Copies `rows` rows of a sequence from row `first` on (zeros past L) into shared memory rows
+// row_stride elements apart, 16 bytes at a time.
+template <class T, int D>
+__device__ __forceinline__ void stage_tile(const T* __restrict__ src, const SeqView& view, int64_t first, int rows,
+                                           int64_t L, T* dst, int row_stride) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < rows * kChunks; idx += 32 * kMmaWarps) {
+    const int r = idx / kChunks, ch = idx % kChunks;
+    const int64_t i = first + r;
+    uint4 chunk = make_uint4(0, 0, 0, 0);
+    if (i < L) chunk = *reinterpret_cast<const uint4*>(src + view.offset(i) + ch * 8);
+    *reinterpret_cast<uint4*>(dst + r * row_stride + ch * 8) = chunk;
+  }
+}
+
+// The A fragment of k-step kk for the 16 rows starting at `rows` (row-major, row_stride apart).
+template <class T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* rows, int row_stride, int kk, int g, int c) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    a[r] = *reinterpret_cast<const uint32_t*>(rows + (g + 8 * (r & 1)) * row_stride + 16 * kk + 8 * (r >> 1) + 2 * c);
+}
+
 // Query rows need 16-byte-aligned starts (the launcher checks): Q is read 4 bytes at a time,
 // K and V 16, and the output written 4.
 template <class T, int D>
@@ -605,18 +631,8 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
-    constexpr int kChunks = D / 8;  // 16-byte chunks per row
-    for (int idx = tid; idx < kMmaKeys * kChunks; idx += 32 * kMmaWarps) {
-      const int j = idx / kChunks, ch = idx % kChunks;
-      const int64_t key = k0 + j;
-      uint4 kc = make_uint4(0, 0, 0, 0), vc = kc;
-      if (key < p.L) {
-        kc = *reinterpret_cast<const uint4*>(k + kv.offset(key) + ch * 8);
-        vc = *reinterpret_cast<const uint4*>(v + vv.offset(key) + ch * 8);
-      }
-      *reinterpret_cast<uint4*>(k_s + j * L::kRow + ch * 8) = kc;
-      *reinterpret_cast<uint4*>(v_s + j * L::kRow + ch * 8) = vc;
-    }
+    stage_tile<T, D>(k, kv, k0, kMmaKeys, p.L, k_s, L::kRow);
+    stage_tile<T, D>(v, vv, k0, kMmaKeys, p.L, v_s, L::kRow);
     __syncthreads();
 
     // S = Q·Kᵀ: tile j covers keys k0 + 8j .. +7; B = Kᵀ, so b (k = 2c, 2c+1; n = g) is a pair
@@ -714,6 +730,254 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
 #endif
 }
 
+// ---- tensor-core backward, mma.sync ----------------------------------------------------------
+// Two kernels after delta_kernel, in the fragment scheme of the forward, each with one side of
+// the product in registers and no atomics: mma_grad_q_kernel walks key tiles for 16 query rows
+// a warp (S = Q·Kᵀ and dP = dO·Vᵀ in registers, dS = P ∘ (dP − delta), dQ += dS·K), and
+// mma_grad_kv_kernel walks query tiles for 16 key rows a warp (Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ,
+// dV += Pᵀ·dO, dK += dSᵀ·Q). S and dP are computed twice, 7 matrix products where
+// flash-attention-2 does 5 with dQ added atomically; in return neither kernel needs a
+// transpose, a workspace or atomics. Prefix masks are non-decreasing in the query index, so a
+// query tile whose last row sees none of a block's keys is skipped whole.
+constexpr int kBwdQueries = 32;  // query rows per tile of mma_grad_kv_kernel
+
+template <class T, int D>
+struct MmaBackwardTraits {
+  static constexpr int kRow = D + kMmaPad;
+  static constexpr int kQueryRows = 16 * kMmaWarps;  // per mma_grad_q_kernel block
+  static constexpr int kKeyRows = 16 * kMmaWarps;    // per mma_grad_kv_kernel block
+  static constexpr size_t grad_q_smem = 2 * kMmaKeys * kRow * sizeof(T);  // K, V tiles
+  // K and V of the block's keys, Q and dO of a query tile, then lse (log2 units), delta, limit
+  static constexpr size_t grad_kv_smem = (2 * kKeyRows + 2 * kBwdQueries) * kRow * sizeof(T) +
+                                         kBwdQueries * (2 * sizeof(float) + sizeof(int64_t));
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
+    Problem p, const T* __restrict__ go, Strides gs, const T* __restrict__ q, Strides qs, const T* __restrict__ k,
+    Strides ks, const T* __restrict__ v, Strides vs, const float* __restrict__ lse, Strides ls,
+    const float* __restrict__ delta, Strides ds, T* __restrict__ grad_q, Strides dqs) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
+  using L = MmaBackwardTraits<T, D>;
+  SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
+  T* k_s = reinterpret_cast<T*>(smem);
+  T* v_s = k_s + kMmaKeys * L::kRow;
+  __shared__ int key_end;
+
+  const int64_t tiles = (p.L + L::kQueryRows - 1) / L::kQueryRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head);
+  int64_t row[2], limit[2];
+  float lse2[2], delta_row[2];
+  for (int h = 0; h < 2; ++h) {
+    row[h] = bc.tile * L::kQueryRows + warp * 16 + g + 8 * h;
+    const bool valid = row[h] < p.L;
+    limit[h] = valid ? p.key_limit(bc.group, row[h]) : 0;
+    lse2[h] = valid ? lse[p.view(ls, bc.group, bc.head).offset(row[h])] * kLog2e : 0.f;
+    delta_row[h] = valid ? delta[p.view(ds, bc.group, bc.head).offset(row[h])] : 0.f;
+  }
+  if (tid == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(max(limit[0], limit[1])));
+
+  uint32_t qa[D / 16][4], ga[D / 16][4];  // Q and dO as A fragments
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = row[r & 1];
+      const int col = 16 * kk + 8 * (r >> 1) + 2 * c;
+      qa[kk][r] = i < p.L ? *reinterpret_cast<const uint32_t*>(q + qv.offset(i) + col) : 0u;
+      ga[kk][r] = i < p.L ? *reinterpret_cast<const uint32_t*>(go + gv.offset(i) + col) : 0u;
+    }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  const float score_scale = p.scale * kLog2e;
+  const int matrix = lane / 8;
+  const T* k_lane = k_s + (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
+  __syncthreads();
+
+  for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
+    stage_tile<T, D>(k, kv, k0, kMmaKeys, p.L, k_s, L::kRow);
+    stage_tile<T, D>(v, vv, k0, kMmaKeys, p.L, v_s, L::kRow);
+    __syncthreads();
+    // S = Q·Kᵀ and dP = dO·Vᵀ, tile j = keys k0 + 8j ..; then dS in place of S.
+    float s[kMmaKeys / 8][4], dp[kMmaKeys / 8][4];
+#pragma unroll
+    for (int j = 0; j < kMmaKeys / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+      const T* key_row = k_s + (8 * j + g) * L::kRow + 2 * c;
+      const T* value_row = v_s + (8 * j + g) * L::kRow + 2 * c;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        mma_16816<T>(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(key_row + 16 * kk),
+                     *reinterpret_cast<const uint32_t*>(key_row + 16 * kk + 8));
+        mma_16816<T>(dp[j], ga[kk], *reinterpret_cast<const uint32_t*>(value_row + 16 * kk),
+                     *reinterpret_cast<const uint32_t*>(value_row + 16 * kk + 8));
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int64_t key = k0 + 8 * j + 2 * c + (e & 1);
+        const float pij = key < limit[h] ? exp2f(s[j][e] * score_scale - lse2[h]) : 0.f;
+        s[j][e] = pij * (dp[j][e] - delta_row[h]);
+      }
+    }
+    // dQ += dS·K: dS's A fragments from its accumulators, K (k = key, n = column) by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+      const uint32_t a[4] = {pack<T>(s[2 * kk][0], s[2 * kk][1]), pack<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, k_lane + 16 * kk * L::kRow + 8 * n);
+        mma_16816<T>(dq[n], a, b[0], b[1]);
+        mma_16816<T>(dq[n + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  const SeqView dqv = p.view(dqs, bc.group, bc.head);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (row[h] >= p.L) continue;
+    T* out_row = grad_q + dqv.offset(row[h]) + 2 * c;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t*>(out_row + 8 * n) = pack<T>(dq[n][2 * h] * p.scale, dq[n][2 * h + 1] * p.scale);
+  }
+#endif
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_kv_kernel(
+    Problem p, const T* __restrict__ go, Strides gs, const T* __restrict__ q, Strides qs, const T* __restrict__ k,
+    Strides ks, const T* __restrict__ v, Strides vs, const float* __restrict__ lse, Strides ls,
+    const float* __restrict__ delta, Strides ds, T* __restrict__ grad_k, Strides dks, T* __restrict__ grad_v,
+    Strides dvs) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
+  using L = MmaBackwardTraits<T, D>;
+  SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
+  T* k_s = reinterpret_cast<T*>(smem);
+  T* v_s = k_s + L::kKeyRows * L::kRow;
+  T* q_s = v_s + L::kKeyRows * L::kRow;
+  T* go_s = q_s + kBwdQueries * L::kRow;
+  float* lse2_s = reinterpret_cast<float*>(go_s + kBwdQueries * L::kRow);
+  float* delta_s = lse2_s + kBwdQueries;
+  int64_t* limit_s = reinterpret_cast<int64_t*>(delta_s + kBwdQueries);
+
+  const int64_t tiles = (p.L + L::kKeyRows - 1) / L::kKeyRows;
+  const BlockCoords bc = block_coords(tiles, p.heads);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
+                vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head),
+                lv = p.view(ls, bc.group, bc.head), dv = p.view(ds, bc.group, bc.head);
+  const int64_t first_key = bc.tile * L::kKeyRows;
+  const int64_t key[2] = {first_key + warp * 16 + g, first_key + warp * 16 + g + 8};
+  stage_tile<T, D>(k, kv, first_key, L::kKeyRows, p.L, k_s, L::kRow);
+  stage_tile<T, D>(v, vv, first_key, L::kKeyRows, p.L, v_s, L::kRow);
+  const T* k_w = k_s + warp * 16 * L::kRow;  // this warp's 16 key rows
+  const T* v_w = v_s + warp * 16 * L::kRow;
+
+  float dk[D / 8][4], dvr[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dvr[n][e] = 0.f;
+  const float score_scale = p.scale * kLog2e;
+  const int matrix = lane / 8;
+  const int lane_row = (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
+
+  for (int64_t q0 = 0; q0 < p.L; q0 += kBwdQueries) {
+    const int64_t last = min(q0 + kBwdQueries, p.L) - 1;
+    if (p.key_limit(bc.group, last) <= first_key) continue;  // no query of the tile sees these keys
+    __syncthreads();  // the previous tile is read (and, the first time, K and V are staged)
+    stage_tile<T, D>(q, qv, q0, kBwdQueries, p.L, q_s, L::kRow);
+    stage_tile<T, D>(go, gv, q0, kBwdQueries, p.L, go_s, L::kRow);
+    if (tid < kBwdQueries) {
+      const int64_t i = q0 + tid;
+      const bool valid = i < p.L;
+      lse2_s[tid] = valid ? lse[lv.offset(i)] * kLog2e : 0.f;
+      delta_s[tid] = valid ? delta[dv.offset(i)] : 0.f;
+      limit_s[tid] = valid ? p.key_limit(bc.group, i) : 0;
+    }
+    __syncthreads();
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows are this warp's keys, tile j = queries q0 + 8j ..
+    float st[kBwdQueries / 8][4], dpt[kBwdQueries / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBwdQueries / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4], va[4];
+      load_a(ka, k_w, L::kRow, kk, g, c);
+      load_a(va, v_w, L::kRow, kk, g, c);
+#pragma unroll
+      for (int j = 0; j < kBwdQueries / 8; ++j) {
+        const T* query_row = q_s + (8 * j + g) * L::kRow + 16 * kk + 2 * c;
+        const T* grad_row = go_s + (8 * j + g) * L::kRow + 16 * kk + 2 * c;
+        mma_16816<T>(st[j], ka, *reinterpret_cast<const uint32_t*>(query_row),
+                     *reinterpret_cast<const uint32_t*>(query_row + 8));
+        mma_16816<T>(dpt[j], va, *reinterpret_cast<const uint32_t*>(grad_row),
+                     *reinterpret_cast<const uint32_t*>(grad_row + 8));
+      }
+    }
+    // Pᵀ in st, dSᵀ in dpt: element e is key key[e >> 1], query q0 + 8j + 2c + (e & 1).
+#pragma unroll
+    for (int j = 0; j < kBwdQueries / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = 8 * j + 2 * c + (e & 1);
+        const float pij = key[e >> 1] < limit_s[qi] ? exp2f(st[j][e] * score_scale - lse2_s[qi]) : 0.f;
+        st[j][e] = pij;
+        dpt[j][e] = pij * (dpt[j][e] - delta_s[qi]);
+      }
+    // dV += Pᵀ·dO and dK += dSᵀ·Q: A fragments from the accumulators, dO and Q (k = query,
+    // n = column) by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < kBwdQueries / 16; ++kk) {
+      const uint32_t pa[4] = {pack<T>(st[2 * kk][0], st[2 * kk][1]), pack<T>(st[2 * kk][2], st[2 * kk][3]),
+                              pack<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                              pack<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+      const uint32_t sa[4] = {pack<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                              pack<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                              pack<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, go_s + lane_row + 16 * kk * L::kRow + 8 * n);
+        mma_16816<T>(dvr[n], pa, b[0], b[1]);
+        mma_16816<T>(dvr[n + 1], pa, b[2], b[3]);
+        ldmatrix_x4_trans(b, q_s + lane_row + 16 * kk * L::kRow + 8 * n);
+        mma_16816<T>(dk[n], sa, b[0], b[1]);
+        mma_16816<T>(dk[n + 1], sa, b[2], b[3]);
+      }
+    }
+  }
+
+  const SeqView dkv = p.view(dks, bc.group, bc.head), dvv = p.view(dvs, bc.group, bc.head);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (key[h] >= p.L) continue;
+    T* k_row = grad_k + dkv.offset(key[h]) + 2 * c;
+    T* v_row = grad_v + dvv.offset(key[h]) + 2 * c;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(k_row + 8 * n) = pack<T>(dk[n][2 * h] * p.scale, dk[n][2 * h + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(v_row + 8 * n) = pack<T>(dvr[n][2 * h], dvr[n][2 * h + 1]);
+    }
+  }
+#endif
+}
+
 inline Problem make_problem(const AttentionShape& shape, const AttentionOptions& o) {
   Problem p{int(o.mode), o.causal, float(o.scale), o.valid_lengths, shape.B, shape.T, shape.S, shape.heads, 0, 0};
   switch (o.mode) {
@@ -726,7 +990,7 @@ inline Problem make_problem(const AttentionShape& shape, const AttentionOptions&
 
 // Blocks of a launch that gives each block rows_per_block rows of every (sequence, head).
 inline unsigned row_blocks(const Problem& p, int64_t rows_per_block) {
-  return unsigned((p.L + rows_per_block - 1) / rows_per_block * p.heads * p.groups);
+  return grid_size((p.L + rows_per_block - 1) / rows_per_block * p.heads * p.groups);
 }
 
 }  // namespace skyloom::cuda::flash

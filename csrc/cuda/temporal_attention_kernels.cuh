@@ -285,7 +285,7 @@ inline TemporalProblem make_problem(const AttentionShape& shape, const Attention
 }
 
 inline unsigned block_count(const TemporalProblem& p) {
-  return unsigned((p.sequences + p.per_block - 1) / p.per_block);
+  return grid_size((p.sequences + p.per_block - 1) / p.per_block);
 }
 
 // Dynamic shared memory of a block: K and V rows (+ the scores) forward; Q, K, V and dO rows

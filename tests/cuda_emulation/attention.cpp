@@ -3,8 +3,8 @@
 // inputs.
 //
 //   attention KERNELS DTYPE B T S HEADS D MODE CAUSAL VALID LAYOUT
-//     KERNELS  general (CUDA-core forward and backward), mma or wmma (a tensor-core forward,
-//              general backward) or temporal (the short-T kernels)
+//     KERNELS  general (CUDA-core forward and backward), mma (tensor-core forward and
+//              backward), wmma (tensor-core forward, general backward) or temporal (short T)
 //     DTYPE f32|f16|bf16   MODE full|spatial|temporal   CAUSAL 0|1
 //     VALID    - or per-video frame counts, comma-separated (full mode)
 //     LAYOUT   contiguous|permuted|padded
@@ -164,14 +164,32 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
     emu::launch(unsigned((rows + 255) / 256), 256, [&] {
       delta_kernel<T, D>(p, go.data(), is, out.data(), os, delta.data(), ls, rows);
     });
-    emu::launch(row_blocks(p, kRows), kRows, [&] {
-      grad_q_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls, delta.data(),
-                          ls, dq.data(), os);
-    });
-    emu::launch(row_blocks(p, kKeyRows), kKeyRows, [&] {
-      grad_kv_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls, delta.data(),
-                           ls, dk.data(), os, dv.data(), os);
-    });
+    bool tensor_core_backward = false;
+    if constexpr (!std::is_same_v<T, float> && D >= 64) {
+      if (c.kernels == "mma") {
+        using BL = MmaBackwardTraits<T, D>;
+        if (BL::grad_kv_smem > sizeof(emu::dynamic_shared_memory)) std::abort();
+        emu::launch(row_blocks(p, BL::kQueryRows), 32 * kMmaWarps, [&] {
+          mma_grad_q_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
+                                  delta.data(), ls, dq.data(), os);
+        });
+        emu::launch(row_blocks(p, BL::kKeyRows), 32 * kMmaWarps, [&] {
+          mma_grad_kv_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
+                                   delta.data(), ls, dk.data(), os, dv.data(), os);
+        });
+        tensor_core_backward = true;
+      }
+    }
+    if (!tensor_core_backward) {
+      emu::launch(row_blocks(p, kRows), kRows, [&] {
+        grad_q_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
+                            delta.data(), ls, dq.data(), os);
+      });
+      emu::launch(row_blocks(p, kKeyRows), kKeyRows, [&] {
+        grad_kv_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
+                             delta.data(), ls, dk.data(), os, dv.data(), os);
+      });
+    }
   }
 
   std::vector<double> ref[5], err[5];  // out, lse, dq, dk, dv
@@ -200,7 +218,8 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
           double l = 0;
           for (int64_t j = 0; j < L; ++j)
             if (visible(c, b, seq[i], seq[j])) l += std::exp(P[i * L + j] - m);
-          for (int64_t j = 0; j < L; ++j) P[i * L + j] = visible(c, b, seq[i], seq[j]) ? std::exp(P[i * L + j] - m) / l : 0;
+          for (int64_t j = 0; j < L; ++j)
+            P[i * L + j] = visible(c, b, seq[i], seq[j]) ? std::exp(P[i * L + j] - m) / l : 0;
           ref[1].push_back(m + std::log(l));
           err[1].push_back(std::abs(lse[c.at(lse_st, b, seq[i].t, seq[i].s, h)] - ref[1].back()));
           double delta_i = 0;
@@ -266,5 +285,7 @@ int main(int argc, char** argv) {
   if (dtype != "f32" && dtype != "f16" && dtype != "bf16") usage("unknown dtype " + dtype);
   const DType type = dtype == "f32" ? DType::kFloat32 : dtype == "f16" ? DType::kFloat16 : DType::kBFloat16;
   const double tolerance = dtype == "f32" ? 2e-5 : dtype == "f16" ? 4e-3 : 3e-2;
-  return dispatch(type, c.D, [&](auto tag, auto dim) { return run<decltype(tag), decltype(dim)::value>(c, argv[11], tolerance); });
+  return dispatch(type, c.D, [&](auto tag, auto dim) {
+    return run<decltype(tag), decltype(dim)::value>(c, argv[11], tolerance);
+  });
 }

@@ -16,6 +16,7 @@
 #include <barrier>
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,9 +44,11 @@ struct BlockState {
   std::vector<float> exchange;
   std::vector<uint32_t> mma_a, mma_b;  // every lane's mma.sync A and B registers
   std::vector<const void*> rows;       // every lane's ldmatrix row address
+  std::unique_ptr<std::atomic<bool>[]> exited;
   explicit BlockState(int threads)
       : threads(threads), block(threads), groups(5), exchange(threads), mma_a(4 * threads), mma_b(2 * threads),
-        rows(threads) {
+        rows(threads), exited(new std::atomic<bool>[threads]) {
+    for (int t = 0; t < threads; ++t) exited[t] = false;
     for (int level = 0; level < 5; ++level) {
       const int size = 2 << level;
       for (int g = 0; g * size < threads; ++g)
@@ -59,14 +62,24 @@ inline thread_local uint3 thread_index{0, 0, 0};
 inline thread_local uint3 block_index{0, 0, 0};
 inline thread_local dim3 block_dim{1, 1, 1};
 
+// A warp-synchronous call names its lanes in mask: an aligned group of 2..32 lanes holding the
+// caller, none of which may have exited (undefined on a GPU, so an error here).
 inline std::barrier<>& group_of(unsigned mask) {
   const int size = std::popcount(mask);
   const int lane = int(thread_index.x % 32);
-  const bool aligned_group = size >= 2 && (size & (size - 1)) == 0 && mask == (((size == 32 ? 0u : 1u << size) - 1) << (lane & ~(size - 1)));
+  const bool aligned_group = size >= 2 && (size & (size - 1)) == 0 &&
+                             mask == (((size == 32 ? 0u : 1u << size) - 1) << (lane & ~(size - 1)));
   if (!aligned_group) {
     std::fprintf(stderr, "emulate.h: lane %d used mask %#x, not an aligned group of lanes holding it\n", lane, mask);
     std::abort();
   }
+  const int first = int(thread_index.x) - lane + (lane & ~(size - 1));
+  for (int t = first; t < first + size && t < state->threads; ++t)
+    if (state->exited[t]) {
+      std::fprintf(stderr, "emulate.h: thread %d synchronises with mask %#x, but thread %d has exited\n",
+                   int(thread_index.x), mask, t);
+      std::abort();
+    }
   return *state->groups[std::countr_zero(unsigned(size)) - 1][thread_index.x / size];
 }
 
@@ -75,6 +88,9 @@ template <class Kernel>
 void launch(unsigned blocks, int threads, Kernel kernel) {
   for (unsigned b = 0; b < blocks; ++b) {
     BlockState block(threads);
+    // Poison the dynamic shared memory (all-ones bytes are NaN in every float type) so that a
+    // read of anything the block did not write shows in the results.
+    std::memset(dynamic_shared_memory, 0xff, sizeof dynamic_shared_memory);
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t)
       pool.emplace_back([&, t] {
@@ -83,6 +99,7 @@ void launch(unsigned blocks, int threads, Kernel kernel) {
         block_index = {b, 0, 0};
         block_dim = dim3(unsigned(threads));
         kernel();
+        block.exited[t] = true;
         // A thread that returns leaves every barrier, as an exited CUDA thread does.
         block.block.arrive_and_drop();
         for (int level = 0; level < 5; ++level) block.groups[level][t / (2 << level)]->arrive_and_drop();
@@ -164,6 +181,12 @@ template <class T>
 void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
   BlockState& s = *state;
   const int t = int(thread_index.x), first = t - t % 32, lane = t % 32, g = lane / 4, c = lane % 4;
+  const auto* byte = reinterpret_cast<const unsigned char*>(row);
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0 || byte < dynamic_shared_memory ||
+      byte + 16 > dynamic_shared_memory + sizeof dynamic_shared_memory) {
+    std::fprintf(stderr, "emulate.h: ldmatrix row address of thread %d is not a 16-byte-aligned shared row\n", t);
+    std::abort();
+  }
   s.rows[t] = row;
   std::barrier<>& warp = group_of(0xffffffffu);
   warp.arrive_and_wait();
