@@ -6,6 +6,7 @@
 // with aligned rows: flash::mma_grad_q_kernel and flash::mma_grad_kv_kernel. Temporal mode
 // with T <= 64 and 16-byte-aligned rows: the short-sequence kernels of temporal_attention.cu.
 // Everything else: the CUDA-core kernels of attention_kernels.cuh (docs/kernels.md).
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -93,7 +94,8 @@ void attention_backward(DType dtype, const AttentionShape& shape, const Attentio
         delta_strides, rows);
     if constexpr (!std::is_same_v<T, float> && D >= 64) {
       if (options.mode != cpu::AttentionMode::kTemporal &&
-          tensor_cores_available(MmaBackwardTraits<T, D>::grad_kv_smem) &&
+          tensor_cores_available(std::max(MmaBackwardTraits<T, D>::grad_q_smem,
+                                          MmaBackwardTraits<T, D>::grad_kv_smem)) &&
           rows_aligned(dtype, {{grad_out.data, grad_out.stride}, {q.data, q.stride}, {k.data, k.stride},
                                {v.data, v.stride}, {grad_q.data, grad_q.stride}, {grad_k.data, grad_k.stride},
                                {grad_v.data, grad_v.stride}})) {

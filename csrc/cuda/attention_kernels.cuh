@@ -481,7 +481,7 @@ struct MmaTraits {
   static constexpr int kTiles = D == 64 ? 2 : 1;  // 16-row tiles per warp
   static constexpr int kRows = 16 * kTiles * kMmaWarps;  // query rows per block
   static constexpr int kRow = D + kMmaPad;
-  static constexpr size_t smem_bytes = 2 * kMmaKeys * kRow * sizeof(T);  // K tile, V tile
+  static constexpr size_t smem_bytes = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // K and V tiles, two of each
 };
 
 // Two 16-bit values as one 32-bit mma operand register, the first in the low half.
@@ -559,6 +559,76 @@ __device__ __forceinline__ void stage_tile(const T* __restrict__ src, const SeqV
   }
 }
 
+// cp.async: 16 bytes from global to shared memory without passing through registers, so a
+// block can fetch its next K/V tile while it computes on the current one. valid false
+// zero-fills (nothing is read). Completion is awaited in commit groups: cp_async_wait<N>()
+// returns once at most N of this thread's committed groups are still in flight.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(SKYLOOM_CUDA_EMULATION)
+  emu::cp_async_16(dst, src, valid);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SKYLOOM_CUDA_EMULATION)
+  emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(SKYLOOM_CUDA_EMULATION)
+  emu::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// stage_tile through cp.async: issued, not awaited.
+template <class T, int D>
+__device__ __forceinline__ void stage_tile_async(const T* __restrict__ src, const SeqView& view, int64_t first,
+                                                 int rows, int64_t L, T* dst, int row_stride) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < rows * kChunks; idx += 32 * kMmaWarps) {
+    const int r = idx / kChunks, ch = idx % kChunks;
+    const int64_t i = first + r;
+    cp_async_16(dst + r * row_stride + ch * 8, i < L ? src + view.offset(i) + ch * 8 : src, i < L);
+  }
+}
+
+// The key loop of the mma kernels, double-buffered: K and V of tile k0 + kMmaKeys are in
+// flight while body(k0, k_tile, v_tile) computes on tile k0. smem holds two (K, V) buffers of
+// kMmaKeys rows each, row_stride apart. Call with every thread of the block.
+template <class T, int D, class Body>
+__device__ __forceinline__ void for_each_key_tile(const T* __restrict__ k, const SeqView& kv, const T* __restrict__ v,
+                                                  const SeqView& vv, int64_t L, int64_t key_end, T* smem,
+                                                  int row_stride, Body body) {
+  const int tile = kMmaKeys * row_stride;
+  auto fetch = [&](int64_t k0, int buffer) {
+    stage_tile_async<T, D>(k, kv, k0, kMmaKeys, L, smem + 2 * buffer * tile, row_stride);
+    stage_tile_async<T, D>(v, vv, k0, kMmaKeys, L, smem + (2 * buffer + 1) * tile, row_stride);
+    cp_async_commit();
+  };
+  if (key_end > 0) fetch(0, 0);
+  int buffer = 0;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys, buffer ^= 1) {
+    if (k0 + kMmaKeys < key_end) {
+      fetch(k0 + kMmaKeys, buffer ^ 1);  // that buffer's last readers passed the barrier below
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // tile k0 is in shared memory for every thread
+    body(k0, smem + 2 * buffer * tile, smem + (2 * buffer + 1) * tile);
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+}
+
 // The A fragment of k-step kk for the 16 rows starting at `rows` (row-major, row_stride apart).
 template <class T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* rows, int row_stride, int kk, int g, int c) {
@@ -577,8 +647,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
   using L = MmaTraits<T, D>;
   constexpr int M = L::kTiles;
   SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
-  T* k_s = reinterpret_cast<T*>(smem);
-  T* v_s = k_s + kMmaKeys * L::kRow;
   __shared__ int key_end;
 
   const int64_t tiles = (p.L + L::kRows - 1) / L::kRows;
@@ -627,14 +695,11 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
   }
   const float score_scale = p.scale * kLog2e;
   const int matrix = lane / 8;  // the ldmatrix matrix this lane points into
-  const T* v_lane = v_s + (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
+  const int v_lane = (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
   __syncthreads();
 
-  for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
-    stage_tile<T, D>(k, kv, k0, kMmaKeys, p.L, k_s, L::kRow);
-    stage_tile<T, D>(v, vv, k0, kMmaKeys, p.L, v_s, L::kRow);
-    __syncthreads();
-
+  for_each_key_tile<T, D>(k, kv, v, vv, p.L, key_end, reinterpret_cast<T*>(smem), L::kRow,
+                          [&](int64_t k0, const T* k_s, const T* v_s) {
     // S = Q·Kᵀ: tile j covers keys k0 + 8j .. +7; B = Kᵀ, so b (k = 2c, 2c+1; n = g) is a pair
     // of adjacent elements of key row 8j + g.
     float s[M][kMmaKeys / 8][4];
@@ -700,7 +765,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_lane + 16 * kk * L::kRow + 8 * n);
+        ldmatrix_x4_trans(b, v_s + v_lane + 16 * kk * L::kRow + 8 * n);
 #pragma unroll
         for (int t = 0; t < M; ++t) {
           mma_16816<T>(o[t][n], pa[t], b[0], b[1]);
@@ -708,8 +773,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
         }
       }
     }
-    __syncthreads();  // before the next tile overwrites K and V
-  }
+  });
 
   const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
 #pragma unroll
@@ -746,7 +810,7 @@ struct MmaBackwardTraits {
   static constexpr int kRow = D + kMmaPad;
   static constexpr int kQueryRows = 16 * kMmaWarps;  // per mma_grad_q_kernel block
   static constexpr int kKeyRows = 16 * kMmaWarps;    // per mma_grad_kv_kernel block
-  static constexpr size_t grad_q_smem = 2 * kMmaKeys * kRow * sizeof(T);  // K, V tiles
+  static constexpr size_t grad_q_smem = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // K and V tiles, two of each
   // K and V of the block's keys, Q and dO of a query tile, then lse (log2 units), delta, limit
   static constexpr size_t grad_kv_smem = (2 * kKeyRows + 2 * kBwdQueries) * kRow * sizeof(T) +
                                          kBwdQueries * (2 * sizeof(float) + sizeof(int64_t));
@@ -760,8 +824,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
   using L = MmaBackwardTraits<T, D>;
   SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
-  T* k_s = reinterpret_cast<T*>(smem);
-  T* v_s = k_s + kMmaKeys * L::kRow;
   __shared__ int key_end;
 
   const int64_t tiles = (p.L + L::kQueryRows - 1) / L::kQueryRows;
@@ -797,13 +859,11 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
   const float score_scale = p.scale * kLog2e;
   const int matrix = lane / 8;
-  const T* k_lane = k_s + (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
+  const int k_lane = (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
   __syncthreads();
 
-  for (int64_t k0 = 0; k0 < key_end; k0 += kMmaKeys) {
-    stage_tile<T, D>(k, kv, k0, kMmaKeys, p.L, k_s, L::kRow);
-    stage_tile<T, D>(v, vv, k0, kMmaKeys, p.L, v_s, L::kRow);
-    __syncthreads();
+  for_each_key_tile<T, D>(k, kv, v, vv, p.L, key_end, reinterpret_cast<T*>(smem), L::kRow,
+                          [&](int64_t k0, const T* k_s, const T* v_s) {
     // S = Q·Kᵀ and dP = dO·Vᵀ, tile j = keys k0 + 8j ..; then dS in place of S.
     float s[kMmaKeys / 8][4], dp[kMmaKeys / 8][4];
 #pragma unroll
@@ -835,13 +895,12 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
 #pragma unroll
       for (int n = 0; n < D / 8; n += 2) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, k_lane + 16 * kk * L::kRow + 8 * n);
+        ldmatrix_x4_trans(b, k_s + k_lane + 16 * kk * L::kRow + 8 * n);
         mma_16816<T>(dq[n], a, b[0], b[1]);
         mma_16816<T>(dq[n + 1], a, b[2], b[3]);
       }
     }
-    __syncthreads();
-  }
+  });
 
   const SeqView dqv = p.view(dqs, bc.group, bc.head);
 #pragma unroll

@@ -61,9 +61,13 @@ struct Case {
   }
 };
 
+// The largest error over the largest reference magnitude (at least 1); NaN anywhere is infinite.
 double worst(const std::vector<double>& error, const std::vector<double>& reference) {
   double e = 0, r = 1;
-  for (size_t i = 0; i < error.size(); ++i) e = std::max(e, error[i]), r = std::max(r, std::abs(reference[i]));
+  for (size_t i = 0; i < error.size(); ++i) {
+    if (std::isnan(error[i])) return INFINITY;
+    e = std::max(e, error[i]), r = std::max(r, std::abs(reference[i]));
+  }
   return e / r;
 }
 

@@ -1,8 +1,9 @@
 // Runs CUDA kernels on the CPU: every thread of a block is a std::thread, blocks run one
 // after another, __syncthreads and __syncwarp are barriers, __shfl_xor_sync exchanges values
-// through the block, atomicMax is an atomic compare-and-swap, static __shared__ variables are
-// statics (one block at a time) and the dynamic shared memory is one buffer. WMMA fragments
-// hold their whole 16x16 tile in every lane: the kernels only load, multiply and store whole
+// through the block, atomicMax is an atomic compare-and-swap, cp.async copies land at the
+// wait that releases them, static __shared__ variables are statics (one block at a time)
+// and the dynamic shared memory is one buffer. WMMA fragments hold their whole 16x16 tile in
+// every lane: the kernels only load, multiply and store whole
 // fragments, so the results are the same, computed 32 times over. Slow, but it executes the
 // kernels' own indexing, masking and synchronisation, so a machine without a GPU can check
 // them against a reference. g++ reads cuda_runtime.h's host view.
@@ -197,6 +198,37 @@ void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
     std::memcpy(&r[i], pair, sizeof r[i]);
   }
   warp.arrive_and_wait();
+}
+
+// cp.async: a copy lands only when a cp.async.wait_group lets it, so a kernel that reads a
+// tile before waiting for it reads the poison (or the previous tile) here too.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    std::fprintf(stderr, "emulate.h: cp.async of 16 bytes between addresses not 16-byte aligned\n");
+    std::abort();
+  }
+  open_group.push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  committed_groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void cp_async_wait(int pending) {
+  while (int(committed_groups.size()) > pending) {
+    for (const AsyncCopy& copy : committed_groups.front()) {
+      if (copy.valid) std::memcpy(copy.dst, copy.src, 16);
+      else std::memset(copy.dst, 0, 16);
+    }
+    committed_groups.erase(committed_groups.begin());
+  }
 }
 
 }  // namespace emu
