@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run, for a machine with an NVIDIA GPU, a CUDA build of torch, nvcc,
 # pytest and hypothesis (no network needed): build skyloom._C with its CUDA kernels, run the
-# CUDA tests of skyloom.ops, run the CUDA benchmark, and profile two kernels with Nsight
-# Compute. Stages run in order of importance, each under its own time limit, and each
+# CUDA tests of skyloom.ops, run the CUDA benchmark, and profile the attention kernels with
+# Nsight Compute. Stages run in order of importance, each under its own time limit, and each
 # writes its log to $OUT (default: gpu-check/) as it goes, so a run cut short keeps what it did.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -41,14 +41,14 @@ python3 -c 'from skyloom import _C; print("built:", _C.build_info())' | tee -a "
 stage tests 180 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_ops.py
 stage bench 240 python3 benchmarks/bench_ops.py --device cuda --repeats 5
 
-# Where the time goes in one temporal forward+backward and one full forward (480p latent, bf16).
+# Where the time goes: one temporal and one full forward+backward (480p latent, bf16).
 cat > "$OUT/profile.py" <<'PY'
 import torch
 from skyloom import ops
 shape = (1, 21, 30 * 52, 16, 64)
 q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-ops.spacetime_attention(q, k, v, "temporal").sum().backward()
-ops.spacetime_attention(q, k, v, "full")
+for mode in ("temporal", "full"):
+    ops.spacetime_attention(q, k, v, mode).sum().backward()
 torch.cuda.synchronize()
 PY
 stage profile 90 ncu --section SpeedOfLight --section Occupancy --kernel-name-base demangled --kernel-name regex:skyloom python3 "$OUT/profile.py"
