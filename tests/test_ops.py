@@ -188,13 +188,13 @@ def test_attention_low_precision_error_within_twice_torchs(target, problem, dtyp
         _check_low_precision_error(device, problem, dtype_name, seed)
 
 
-def _check_low_precision_error(device, problem, dtype_name, seed):
+def _check_low_precision_error(device, problem, dtype_name, seed, layout="contiguous"):
     if device == "cuda" and problem["shape"][-1] not in ops.CUDA_HEAD_DIMS:
         problem = dict(problem, shape=problem["shape"][:-1] + (64,))
     dtype = getattr(torch, dtype_name)
     (q, k, v), valid = _attention_inputs(problem, dtype, device, seed)
     grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    ours = _run(ops.spacetime_attention, *(_layout(x, layout) for x in (q, k, v)), problem, valid, grad_out)
     torch_low = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
     exact_inputs = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
     exact = _run(reference_ops.spacetime_attention, *exact_inputs, problem,
@@ -383,6 +383,19 @@ def test_attention_cuda_temporal_short_and_long_sequences(frames, dtype_name, ca
             _check_float32_matches_reference("cuda", problem, layout, seed=frames)
     else:
         _check_low_precision_error("cuda", problem, dtype_name, seed=frames)
+
+
+# fp16/bf16 full and spatial attention on tensor cores: contiguous rows take the mma.sync kernels
+# (forward and backward), sliced rows (not 16-byte aligned) the WMMA forward and CUDA-core
+# backward. 210 tokens a sequence: more than one block of rows at either head_dim.
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("mode, causal, valid", [("full", False, None), ("full", True, [3, 2]), ("spatial", False, None)])
+def test_attention_cuda_tensor_core_kernels(layout, head_dim, dtype_name, mode, causal, valid):
+    problem = dict(shape=(2, 3, 70, 2, head_dim), mode=mode, causal=causal, valid_lengths=valid)
+    _check_low_precision_error("cuda", problem, dtype_name, seed=head_dim, layout=layout)
 
 
 def test_attention_double_backward_raises_clearly():
