@@ -8,7 +8,9 @@
 //
 // CUDA cores: one thread owns one query row (forward_kernel, grad_q_kernel) or one key row
 // (grad_kv_kernel) with head_dim values in registers. Tensor cores (fp16/bf16, head_dim
-// 64/128, sm_80+): wmma_forward_kernel, WMMA 16x16x16 with fp32 accumulation.
+// 64/128, sm_80+): mma_forward_kernel, mma_grad_q_kernel and mma_grad_kv_kernel on mma.sync
+// with register accumulators (flash-attention-2's scheme), and wmma_forward_kernel (WMMA,
+// accumulator in shared memory) for rows that are not 16-byte aligned.
 #pragma once
 
 #if defined(__CUDACC__)
