@@ -51,7 +51,8 @@ def _check(binary, kernels, dtype, B, T, S, heads, D, mode, causal, valid, layou
 # kernels, dtype, B, T, S, heads, head_dim, mode, causal, valid_lengths, layout. The edges: T = 1
 # and T = 64 (the short-T kernels' longest), several sequences per block with a partial last one
 # (T = 21: 3 a block), more than one block of rows for the tensor-core kernels (64 a block, 128
-# for mma at head_dim 64: L = 132, 194), a partial 128-row block for the general kernels
+# for mma at head_dim 64: L = 132, 194), three or more 64-key tiles so that the mma kernels'
+# double buffers are refilled (L = 150, 194), a partial 128-row block for the general kernels
 # (L = 130), and the layouts the bindings pass through unchanged.
 CASES = [
     ("temporal", "f32", 1, 5, 3, 2, 32, "temporal", False, None, "contiguous"),
@@ -68,6 +69,7 @@ CASES = [
     ("mma", "f16", 1, 3, 7, 1, 64, "full", False, None, "contiguous"),
     ("mma", "bf16", 2, 5, 17, 2, 128, "full", True, [3, 2], "permuted"),
     ("mma", "f16", 1, 3, 70, 2, 64, "spatial", False, None, "padded"),
+    ("mma", "f16", 1, 2, 150, 1, 64, "spatial", False, None, "contiguous"),
     ("mma", "bf16", 2, 4, 33, 3, 128, "full", True, None, "padded"),
     ("mma", "bf16", 1, 2, 97, 2, 64, "full", True, None, "padded"),
     ("wmma", "f16", 1, 3, 7, 1, 64, "full", False, None, "contiguous"),

@@ -570,7 +570,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
   emu::cp_async_16(dst, src, valid);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(valid ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
 #endif
 }
 
@@ -578,7 +579,7 @@ __device__ __forceinline__ void cp_async_commit() {
 #if defined(SKYLOOM_CUDA_EMULATION)
   emu::cp_async_commit();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
@@ -587,7 +588,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(SKYLOOM_CUDA_EMULATION)
   emu::cp_async_wait(N);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

@@ -279,6 +279,8 @@ int main(int argc, char** argv) {
     std::stringstream list(argv[10]);
     for (std::string n; std::getline(list, n, ',');) c.valid.push_back(std::atoll(n.c_str()));
     if (int64_t(c.valid.size()) != c.B) usage("VALID needs one frame count per video");
+    for (int64_t frames : c.valid)
+      if (frames < 1 || frames > c.T) usage("VALID frame counts are 1..T, as skyloom.ops accepts");
   }
   c.scale = 1.0 / std::sqrt(double(c.D));
   if (c.kernels != "general" && c.kernels != "mma" && c.kernels != "wmma" && c.kernels != "temporal")

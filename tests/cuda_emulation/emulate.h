@@ -200,8 +200,9 @@ void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
   warp.arrive_and_wait();
 }
 
-// cp.async: a copy lands only when a cp.async.wait_group lets it, so a kernel that reads a
-// tile before waiting for it reads the poison (or the previous tile) here too.
+// cp.async: the destination is poisoned when the copy is issued and the data lands only when
+// a cp.async.wait_group lets it, so a kernel that reads a tile before waiting for it, or
+// refills a buffer that another warp is still reading, reads NaNs here.
 struct AsyncCopy {
   void* dst;
   const void* src;
@@ -211,10 +212,13 @@ inline thread_local std::vector<AsyncCopy> open_group;
 inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    std::fprintf(stderr, "emulate.h: cp.async of 16 bytes between addresses not 16-byte aligned\n");
+  const auto* byte = static_cast<unsigned char*>(dst);
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 ||
+      byte < dynamic_shared_memory || byte + 16 > dynamic_shared_memory + sizeof dynamic_shared_memory) {
+    std::fprintf(stderr, "emulate.h: cp.async of 16 bytes needs aligned addresses and a shared destination\n");
     std::abort();
   }
+  std::memset(dst, 0xff, 16);
   open_group.push_back({dst, src, valid});
 }
 inline void cp_async_commit() {
