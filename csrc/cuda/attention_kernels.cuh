@@ -468,7 +468,8 @@ __global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
 // ---- tensor-core forward, mma.sync ---------------------------------------------------------
 // flash-attention-2's forward: warp w of a block owns kTiles 16-row tiles of query rows, and
 // lane (g = lane / 4, c = lane % 4) holds rows g and g + 8 of each. Q stays in registers as
-// mma A fragments; per 64-key tile staged in shared memory, S = Q·Kᵀ lands in registers (8
+// mma A fragments; per 64-key tile in shared memory (double-buffered with cp.async, so the
+// next tile loads while this one is used: for_each_key_tile), S = Q·Kᵀ lands in registers (8
 // tiles of 16 x 8 per row tile), the masked online softmax runs on those registers (a row's
 // four lanes meet through two shuffles), and the C layout of S is the A layout of P, so
 // O += P·V needs no data movement. O stays in registers (head_dim / 8 tiles of 16 x 8 per row
@@ -483,7 +484,7 @@ struct MmaTraits {
   static constexpr int kTiles = D == 64 ? 2 : 1;  // 16-row tiles per warp
   static constexpr int kRows = 16 * kTiles * kMmaWarps;  // query rows per block
   static constexpr int kRow = D + kMmaPad;
-  static constexpr size_t smem_bytes = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // K and V tiles, two of each
+  static constexpr size_t smem_bytes = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // two K and two V tiles
 };
 
 // Two 16-bit values as one 32-bit mma operand register, the first in the low half.
@@ -637,7 +638,8 @@ template <class T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* rows, int row_stride, int kk, int g, int c) {
 #pragma unroll
   for (int r = 0; r < 4; ++r)
-    a[r] = *reinterpret_cast<const uint32_t*>(rows + (g + 8 * (r & 1)) * row_stride + 16 * kk + 8 * (r >> 1) + 2 * c);
+    a[r] = *reinterpret_cast<const uint32_t*>(rows + (g + 8 * (r & 1)) * row_stride + 16 * kk + 8 * (r >> 1) +
+                                              2 * c);
 }
 
 // Query rows need 16-byte-aligned starts (the launcher checks): Q is read 4 bytes at a time,
@@ -813,7 +815,7 @@ struct MmaBackwardTraits {
   static constexpr int kRow = D + kMmaPad;
   static constexpr int kQueryRows = 16 * kMmaWarps;  // per mma_grad_q_kernel block
   static constexpr int kKeyRows = 16 * kMmaWarps;    // per mma_grad_kv_kernel block
-  static constexpr size_t grad_q_smem = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // K and V tiles, two of each
+  static constexpr size_t grad_q_smem = 2 * 2 * kMmaKeys * kRow * sizeof(T);  // two K and two V tiles
   // K and V of the block's keys, Q and dO of a query tile, then lse (log2 units), delta, limit
   static constexpr size_t grad_kv_smem = (2 * kKeyRows + 2 * kBwdQueries) * kRow * sizeof(T) +
                                          kBwdQueries * (2 * sizeof(float) + sizeof(int64_t));
