@@ -1,74 +1,21 @@
-// Spacetime attention on the GPU, forward and backward: which kernels run, and their launches.
-//
-// Forward, fp16/bf16, full and spatial modes, head_dim 64/128, sm_80+: the tensor-core kernels,
-// flash::mma_forward_kernel (mma.sync, registers) where rows are 16-byte aligned, else
-// flash::wmma_forward_kernel (WMMA, accumulator in shared memory). Backward, the same cases
-// with aligned rows: flash::mma_grad_q_kernel and flash::mma_grad_kv_kernel. Temporal mode
-// with T <= 64 and 16-byte-aligned rows: the short-sequence kernels of temporal_attention.cu.
-// Everything else: the CUDA-core kernels of attention_kernels.cuh (docs/kernels.md).
-#include <algorithm>
+// Spacetime attention on the GPU, forward and backward: the short-T temporal kernels where
+// they take the problem (temporal_attention.cu), else the launchers for the dtype and head_dim
+// (attention_launch_impl.cuh, compiled per element type; docs/kernels.md).
 #include <cstdint>
-#include <type_traits>
 
-#include "cuda/attention_kernels.cuh"
+#include "cuda/attention_common.cuh"
+#include "cuda/attention_launch.cuh"
 #include "cuda/temporal_attention.cuh"
 
 namespace skyloom::cuda {
-namespace {
-
-using namespace flash;
-
-// mma.sync and WMMA with bf16 need sm_80+; each kernel's shared memory must fit the device's
-// per-block opt-in limit (99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90).
-bool tensor_cores_available(size_t smem_bytes) {
-  int device = 0, major = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
-  constexpr size_t kStatic = 128;  // the kernels' own __shared__ variables, padded
-  return major >= 8 && smem_bytes + kStatic <= size_t(optin);
-}
-
-}  // namespace
 
 bool head_dim_supported(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
 void attention_forward(DType dtype, const AttentionShape& shape, const AttentionOptions& options, Strided q,
                        Strided k, Strided v, StridedOut out, StridedOut lse, cudaStream_t stream) {
   if (temporal_attention_forward(dtype, shape, options, q, k, v, out, lse, stream)) return;
-  const Problem p = make_problem(shape, options);
-  if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    if constexpr (!std::is_same_v<T, float> && D >= 64) {
-      if (options.mode != cpu::AttentionMode::kTemporal) {
-        const bool aligned =
-            rows_aligned(dtype, {{q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride}, {out.data, out.stride}});
-        if (aligned && tensor_cores_available(MmaTraits<T, D>::smem_bytes)) {
-          const size_t smem = MmaTraits<T, D>::smem_bytes;
-          cudaFuncSetAttribute(mma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-          mma_forward_kernel<T, D><<<row_blocks(p, MmaTraits<T, D>::kRows), 32 * kMmaWarps, smem, stream>>>(
-              p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
-              strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
-              strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
-          return;
-        }
-        const size_t smem = WmmaSmem<T, D>::bytes;
-        if (tensor_cores_available(smem)) {
-          cudaFuncSetAttribute(wmma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-          wmma_forward_kernel<T, D><<<row_blocks(p, kWmmaRows), 32 * kWmmaWarps, smem, stream>>>(
-              p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
-              strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
-              strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
-          return;
-        }
-      }
-    }
-    forward_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
-        p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
-        static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
-        static_cast<float*>(lse.data), strides_of(lse.stride));
+    launch_attention_forward<decltype(tag), decltype(dim)::value>(dtype, shape, options, q, k, v, out, lse, stream);
   });
 }
 
@@ -77,54 +24,9 @@ void attention_backward(DType dtype, const AttentionShape& shape, const Attentio
                         StridedOut grad_k, StridedOut grad_v, float* delta_workspace, cudaStream_t stream) {
   if (temporal_attention_backward(dtype, shape, options, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, stream))
     return;
-  const Problem p = make_problem(shape, options);
-  if (p.L == 0 || p.groups == 0 || shape.heads == 0) return;
-  const Strides delta_strides{{shape.T * shape.S * shape.heads, shape.S * shape.heads, shape.heads, 1}};
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    const T* go = static_cast<const T*>(grad_out.data);
-    const T* qp = static_cast<const T*>(q.data);
-    const T* kp = static_cast<const T*>(k.data);
-    const T* vp = static_cast<const T*>(v.data);
-    const float* lp = static_cast<const float*>(lse.data);
-    const int64_t rows = p.L * shape.heads * p.groups;
-    delta_kernel<T, D><<<unsigned((rows + 255) / 256), 256, 0, stream>>>(
-        p, go, strides_of(grad_out.stride), static_cast<const T*>(out.data), strides_of(out.stride), delta_workspace,
-        delta_strides, rows);
-    if constexpr (!std::is_same_v<T, float> && D >= 64) {
-      if (options.mode != cpu::AttentionMode::kTemporal &&
-          tensor_cores_available(std::max(MmaBackwardTraits<T, D>::grad_q_smem,
-                                          MmaBackwardTraits<T, D>::grad_kv_smem)) &&
-          rows_aligned(dtype, {{grad_out.data, grad_out.stride}, {q.data, q.stride}, {k.data, k.stride},
-                               {v.data, v.stride}, {grad_q.data, grad_q.stride}, {grad_k.data, grad_k.stride},
-                               {grad_v.data, grad_v.stride}})) {
-        using L = MmaBackwardTraits<T, D>;
-        cudaFuncSetAttribute(mma_grad_q_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(L::grad_q_smem));
-        mma_grad_q_kernel<T, D><<<row_blocks(p, L::kQueryRows), 32 * kMmaWarps, L::grad_q_smem, stream>>>(
-            p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
-            strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
-            static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
-        cudaFuncSetAttribute(mma_grad_kv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(L::grad_kv_smem));
-        mma_grad_kv_kernel<T, D><<<row_blocks(p, L::kKeyRows), 32 * kMmaWarps, L::grad_kv_smem, stream>>>(
-            p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
-            strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
-            static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),
-            strides_of(grad_v.stride));
-        return;
-      }
-    }
-    grad_q_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
-        p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
-        strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
-        static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
-    grad_kv_kernel<T, D><<<row_blocks(p, kKeyRows), kKeyRows, 0, stream>>>(
-        p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
-        strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
-        static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),
-        strides_of(grad_v.stride));
+    launch_attention_backward<decltype(tag), decltype(dim)::value>(dtype, shape, options, grad_out, q, k, v, out, lse,
+                                                                   grad_q, grad_k, grad_v, delta_workspace, stream);
   });
 }
 

@@ -3,8 +3,8 @@
 // recomputed there; the (T·S)² score matrix never exists. The three modes read
 // (B, T, S, heads, head_dim) through strides, exactly as the CPU kernels do
 // (cpu/attention.h): a "sequence" is one (batch, head) for full, one (batch, frame, head) for
-// spatial, one (batch, position, head) for temporal. Launched by attention.cu; also run on
-// the CPU by tests/cuda_emulation.
+// spatial, one (batch, position, head) for temporal. Launched from attention_launch_impl.cuh;
+// also run on the CPU by tests/cuda_emulation.
 //
 // CUDA cores: one thread owns one query row (forward_kernel, grad_q_kernel) or one key row
 // (grad_kv_kernel) with head_dim values in registers. Tensor cores (fp16/bf16, head_dim

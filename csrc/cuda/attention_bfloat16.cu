@@ -1,0 +1,8 @@
+// The __nv_bfloat16 attention launchers (attention_launch_impl.cuh), a translation unit of their own.
+#include "cuda/attention_launch_impl.cuh"
+
+namespace skyloom::cuda {
+
+SKYLOOM_ATTENTION_LAUNCHERS(__nv_bfloat16)
+
+}  // namespace skyloom::cuda
