@@ -1,10 +1,12 @@
-// What the CUDA attention kernels share: float conversions of the element types, the exp2
-// constants of the online softmax, and the four element strides of a (B, T, S, heads, ·)
-// operand passed by value to a kernel.
+// What the CUDA attention kernels and their launchers share: float conversions of the element
+// types, the exp2 constants of the online softmax, the four element strides of a
+// (B, T, S, heads, ·) operand passed by value to a kernel, and the launchers' checks (row
+// alignment, shared memory, grid size) and dtype/head_dim dispatch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -40,6 +42,15 @@ struct Strides {
 };
 
 inline Strides strides_of(const int64_t s[4]) { return {{s[0], s[1], s[2], s[3]}}; }
+
+// Whether a block's dynamic shared memory of `bytes` fits the current device's opt-in limit
+// (99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90).
+inline bool shared_memory_fits(size_t bytes) {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
+  return bytes <= size_t(optin);
+}
 
 // A launch's block count: grid.x holds at most 2^31 - 1 blocks.
 inline unsigned grid_size(int64_t blocks) {

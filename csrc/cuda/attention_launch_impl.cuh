@@ -19,15 +19,13 @@
 namespace skyloom::cuda {
 namespace {
 
-// mma.sync and WMMA with bf16 need sm_80+; each kernel's shared memory must fit the device's
-// per-block opt-in limit (99 KB on sm_86/89, 163 KB on sm_80, 227 KB on sm_90).
+// mma.sync and WMMA with bf16 need sm_80+, and the kernel's shared memory must fit.
 bool tensor_cores_available(size_t smem_bytes) {
-  int device = 0, major = 0, optin = 0;
+  int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
   constexpr size_t kStatic = 128;  // the kernels' own __shared__ variables, padded
-  return major >= 8 && smem_bytes + kStatic <= size_t(optin);
+  return major >= 8 && shared_memory_fits(smem_bytes + kStatic);
 }
 
 }  // namespace

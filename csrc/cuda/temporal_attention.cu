@@ -10,20 +10,12 @@ namespace {
 using temporal::RowSlice;
 using temporal::TemporalProblem;
 
-bool smem_available(size_t bytes) {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return bytes <= size_t(optin);
-}
-
-
 // Whether the short-T kernels take this problem: temporal mode, 1 <= T <= kTemporalMaxFrames,
 // a CUDA head_dim, the block's shared memory available, and every operand's rows aligned.
 bool takes(DType dtype, const AttentionShape& shape, const AttentionOptions& options, size_t smem,
            std::initializer_list<Operand> operands) {
   if (options.mode != cpu::AttentionMode::kTemporal || shape.T < 1 || shape.T > kTemporalMaxFrames ||
-      !head_dim_supported(shape.head_dim) || !smem_available(smem))
+      !head_dim_supported(shape.head_dim) || !shared_memory_fits(smem))
     return false;
   return rows_aligned(dtype, operands);
 }
