@@ -1,6 +1,7 @@
 """The CUDA attention kernels, executed on the CPU: tests/cuda_emulation/emulate.h runs each thread
 of a block as a host thread (barriers for __syncthreads/__syncwarp, an exchange for
-__shfl_xor_sync, mma.sync with the PTX ISA's fragment layouts, whole-tile WMMA fragments), and attention.cpp checks out, lse, dQ, dK and dV
+__shfl_xor_sync, mma.sync and ldmatrix with the PTX ISA's fragment layouts, cp.async copies that
+land at their wait, whole-tile WMMA fragments), and attention.cpp checks out, lse, dQ, dK and dV
 against attention in double. This checks the kernels' indexing, masks and synchronisation where no
 GPU is; the CUDA-marked tests in test_ops.py check the compiled kernels where one is."""
 
