@@ -71,6 +71,17 @@ __device__ __forceinline__ BlockCoords block_coords(int64_t tiles, int64_t heads
   return {b % tiles, (b / tiles) % heads, b / tiles / heads};
 }
 
+// The largest of the block's threads' key limits: how far its K/V tiles must go. Every
+// thread of the block calls it (it holds two barriers).
+__device__ __forceinline__ int64_t block_key_end(int64_t limit) {
+  __shared__ int key_end;
+  if (threadIdx.x == 0) key_end = 0;
+  __syncthreads();
+  atomicMax(&key_end, int(limit));
+  __syncthreads();
+  return key_end;
+}
+
 constexpr int kRows = 128;   // query rows per forward / dQ block (one per thread)
 constexpr int kKeys = 32;    // keys per shared-memory tile
 constexpr int kKeyRows = 32; // key rows per dK/dV block (one per thread)
@@ -92,7 +103,6 @@ __global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __re
                                                          float* __restrict__ lse, Strides ls) {
   __shared__ float k_tile[kKeys][D];
   __shared__ float v_tile[kKeys][D];
-  __shared__ int key_end;
   const int64_t tiles = (p.L + kRows - 1) / kRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
   const int64_t i = bc.tile * kRows + threadIdx.x;
@@ -107,10 +117,7 @@ __global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __re
     qr[d] = active ? to_float(q[qv.offset(i) + d]) * (p.scale * kLog2e) : 0.f;  // log2 units: exp2f is cheap
     o[d] = 0.f;
   }
-  if (threadIdx.x == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(limit));
-  __syncthreads();
+  const int64_t key_end = block_key_end(limit);
 
   float m = -INFINITY, l = 0.f;
   for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
@@ -175,7 +182,6 @@ __global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __res
                                                         T* __restrict__ grad_q, Strides dqs) {
   __shared__ float k_tile[kKeys][D];
   __shared__ float v_tile[kKeys][D];
-  __shared__ int key_end;
   const int64_t tiles = (p.L + kRows - 1) / kRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
   const int64_t i = bc.tile * kRows + threadIdx.x;
@@ -192,10 +198,7 @@ __global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __res
   const float lse2 = active ? lse[p.view(ls, bc.group, bc.head).offset(i)] * kLog2e : 0.f;
   const float di = active ? delta[p.view(ds, bc.group, bc.head).offset(i)] : 0.f;
   const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
-  if (threadIdx.x == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(limit));
-  __syncthreads();
+  const int64_t key_end = block_key_end(limit);
   for (int64_t k0 = 0; k0 < key_end; k0 += kKeys) {
     load_tile<T, D>(k, kv, k0, p.L, k_tile);
     load_tile<T, D>(v, vv, k0, p.L, v_tile);
@@ -334,7 +337,6 @@ __global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
   float* m_s = reinterpret_cast<float*>(smem + L::m);
   float* l_s = reinterpret_cast<float*>(smem + L::l);
   int* limit_s = reinterpret_cast<int*>(smem + L::limit);
-  __shared__ int key_end;
 
   const int64_t tiles = (p.L + kWmmaRows - 1) / kWmmaRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
@@ -344,16 +346,16 @@ __global__ void __launch_bounds__(32 * kWmmaWarps) wmma_forward_kernel(
                 vv = p.view(vs, bc.group, bc.head);
   const T zero = from_float<T>(0.f);
 
-  if (tid == 0) key_end = 0;
-  __syncthreads();
+  int64_t most = 0;
   for (int r = tid; r < kWmmaRows; r += blockDim.x) {
     const int64_t i = row0 + r;
     const int lim = i < p.L ? int(p.key_limit(bc.group, i)) : 0;
     limit_s[r] = lim;
     m_s[r] = -INFINITY;
     l_s[r] = 0.f;
-    atomicMax(&key_end, lim);
+    most = max(most, int64_t(lim));
   }
+  const int64_t key_end = block_key_end(most);
   for (int idx = tid; idx < kWmmaRows * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
     const int64_t i = row0 + r;
@@ -652,7 +654,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
   using L = MmaTraits<T, D>;
   constexpr int M = L::kTiles;
   SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
-  __shared__ int key_end;
 
   const int64_t tiles = (p.L + L::kRows - 1) / L::kRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
@@ -671,9 +672,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
       most = max(most, limit[t][h]);
     }
 
-  if (tid == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(most));
+  const int64_t key_end = block_key_end(most);
 
   // Q as A fragments: register r of k-step kk holds row g + 8·(r & 1), columns
   // 16·kk + 8·(r >> 1) + 2c and the next.
@@ -701,7 +700,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_forward_kernel(
   const float score_scale = p.scale * kLog2e;
   const int matrix = lane / 8;  // the ldmatrix matrix this lane points into
   const int v_lane = (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
-  __syncthreads();
 
   for_each_key_tile<T, D>(k, kv, v, vv, p.L, key_end, reinterpret_cast<T*>(smem), L::kRow,
                           [&](int64_t k0, const T* k_s, const T* v_s) {
@@ -829,7 +827,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SKYLOOM_CUDA_EMULATION)
   using L = MmaBackwardTraits<T, D>;
   SKYLOOM_DYNAMIC_SHARED_MEMORY(smem);
-  __shared__ int key_end;
 
   const int64_t tiles = (p.L + L::kQueryRows - 1) / L::kQueryRows;
   const BlockCoords bc = block_coords(tiles, p.heads);
@@ -845,9 +842,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
     lse2[h] = valid ? lse[p.view(ls, bc.group, bc.head).offset(row[h])] * kLog2e : 0.f;
     delta_row[h] = valid ? delta[p.view(ds, bc.group, bc.head).offset(row[h])] : 0.f;
   }
-  if (tid == 0) key_end = 0;
-  __syncthreads();
-  atomicMax(&key_end, int(max(limit[0], limit[1])));
+  const int64_t key_end = block_key_end(max(limit[0], limit[1]));
 
   uint32_t qa[D / 16][4], ga[D / 16][4];  // Q and dO as A fragments
 #pragma unroll
@@ -865,7 +860,6 @@ __global__ void __launch_bounds__(32 * kMmaWarps) mma_grad_q_kernel(
   const float score_scale = p.scale * kLog2e;
   const int matrix = lane / 8;
   const int k_lane = (8 * (matrix & 1) + lane % 8) * L::kRow + 8 * (matrix >> 1);
-  __syncthreads();
 
   for_each_key_tile<T, D>(k, kv, v, vv, p.L, key_end, reinterpret_cast<T*>(smem), L::kRow,
                           [&](int64_t k0, const T* k_s, const T* v_s) {
