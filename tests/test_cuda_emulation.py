@@ -53,8 +53,9 @@ def _check(binary, kernels, dtype, B, T, S, heads, D, mode, causal, valid, layou
 # and T = 64 (the short-T kernels' longest), several sequences per block with a partial last one
 # (T = 21: 3 a block), more than one block of rows for the tensor-core kernels (64 a block, 128
 # for mma at head_dim 64: L = 132, 194), three or more 64-key tiles so that the mma kernels'
-# double buffers are refilled (L = 150, 194), a partial 128-row block for the general kernels
-# (L = 130), and the layouts the bindings pass through unchanged.
+# double buffers are refilled (L = 150, 194), more than one block of rows for the general kernels
+# with a partial last one (256 rows a block at head_dim 32: L = 260; 64 at head_dim 128: L = 90),
+# and the layouts the bindings pass through unchanged.
 CASES = [
     ("temporal", "f32", 1, 5, 3, 2, 32, "temporal", False, None, "contiguous"),
     ("temporal", "f32", 2, 21, 5, 2, 64, "temporal", True, None, "permuted"),
@@ -63,8 +64,9 @@ CASES = [
     ("temporal", "bf16", 1, 21, 5, 3, 128, "temporal", False, None, "padded"),
     ("temporal", "bf16", 1, 64, 2, 2, 64, "temporal", True, None, "permuted"),
     ("general", "f32", 2, 3, 5, 2, 64, "full", True, [2, 1], "permuted"),
-    ("general", "f32", 1, 2, 65, 1, 32, "full", False, None, "padded"),
+    ("general", "f32", 1, 4, 65, 1, 32, "full", False, None, "padded"),
     ("general", "f32", 2, 2, 13, 3, 128, "spatial", False, None, "contiguous"),
+    ("general", "bf16", 1, 3, 30, 2, 128, "full", True, [2], "permuted"),
     ("general", "f16", 2, 8, 3, 2, 64, "temporal", True, None, "permuted"),
     ("general", "bf16", 1, 70, 2, 1, 32, "temporal", True, None, "contiguous"),
     ("mma", "f16", 1, 3, 7, 1, 64, "full", False, None, "contiguous"),

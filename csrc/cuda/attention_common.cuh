@@ -1,7 +1,7 @@
 // What the CUDA attention kernels and their launchers share: float conversions of the element
-// types, the exp2 constants of the online softmax, the four element strides of a
-// (B, T, S, heads, ·) operand passed by value to a kernel, and the launchers' checks (row
-// alignment, shared memory, grid size) and dtype/head_dim dispatch.
+// types, the exp2 constants of the online softmax, sums across the threads of a split row,
+// the four element strides of a (B, T, S, heads, ·) operand passed by value to a kernel, and
+// the launchers' checks (row alignment, shared memory, grid size) and dtype/head_dim dispatch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,6 +36,23 @@ template <class T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+// A row split between kRowThreads adjacent lanes (an aligned group of 1, 2, 4, 8, 16 or 32):
+// row_lanes names them, and row_sum adds their shares. The mask holds just the row's lanes,
+// since rows of one warp may run different trip counts under the causal mask.
+template <int kRowThreads>
+__device__ __forceinline__ unsigned row_lanes() {
+  static_assert(kRowThreads >= 1 && kRowThreads <= 32 && (kRowThreads & (kRowThreads - 1)) == 0, "row threads");
+  if constexpr (kRowThreads == 32) return 0xffffffffu;
+  else return ((1u << kRowThreads) - 1) << ((threadIdx.x % 32) & ~(kRowThreads - 1));
+}
+
+template <int kRowThreads>
+__device__ __forceinline__ float row_sum(float x, unsigned lanes) {
+#pragma unroll
+  for (int offset = 1; offset < kRowThreads; offset *= 2) x += __shfl_xor_sync(lanes, x, offset);
+  return x;
+}
 
 struct Strides {
   int64_t s[4];

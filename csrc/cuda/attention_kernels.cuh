@@ -6,8 +6,8 @@
 // spatial, one (batch, position, head) for temporal. Launched from attention_launch_impl.cuh;
 // also run on the CPU by tests/cuda_emulation.
 //
-// CUDA cores: one thread owns one query row (forward_kernel, grad_q_kernel) or one key row
-// (grad_kv_kernel) with head_dim values in registers. Tensor cores (fp16/bf16, head_dim
+// CUDA cores: head_dim / 32 threads own one query row (forward_kernel, grad_q_kernel) or one
+// key row (grad_kv_kernel), 32 of its values each in registers. Tensor cores (fp16/bf16, head_dim
 // 64/128, sm_80+): mma_forward_kernel, mma_grad_q_kernel and mma_grad_kv_kernel on mma.sync
 // with register accumulators (flash-attention-2's scheme), and wmma_forward_kernel (WMMA,
 // accumulator in shared memory) for rows that are not 16-byte aligned.
@@ -82,10 +82,86 @@ __device__ __forceinline__ int64_t block_key_end(int64_t limit) {
   return key_end;
 }
 
-constexpr int kRows = 128;   // query rows per forward / dQ block (one per thread)
-constexpr int kKeys = 32;    // keys per shared-memory tile
-constexpr int kKeyRows = 32; // key rows per dK/dV block (one per thread)
-constexpr int kQTile = 8;    // query rows per shared-memory tile in the dK/dV kernel
+// ---- CUDA-core kernels --------------------------------------------------------------------
+// A row (a query row in forward_kernel and grad_q_kernel, a key row in grad_kv_kernel) is
+// split between Core<D>::kParts = D / 32 adjacent threads, each holding 32 of its values in
+// registers: 4-value chunks interleaved, chunk c of part p at element (c·kParts + p)·4, so the
+// parts of a row read adjacent 16-byte words of a shared-memory row (float4 loads, no bank
+// conflicts), and dot products finish with row_sum. A whole head_dim-128 row a thread spilled
+// 0.4 to 2.3 KB a thread (ptxas, sm_90a).
+template <int D>
+struct Core {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
+  static constexpr int kParts = D / 32;             // threads per row: 1, 2 or 4
+  static constexpr int kValues = 32;                // a thread's share of a row
+  static constexpr int kThreads = 256;              // per forward / dQ block
+  static constexpr int kRows = kThreads / kParts;   // query rows per forward / dQ block
+  static constexpr int kKeyRows = 32;               // key rows per dK/dV block
+  static constexpr int kKeyThreads = kKeyRows * kParts;
+  __device__ static int element(int part, int i) { return ((i / 4) * kParts + part) * 4 + i % 4; }
+};
+
+using Part = float[Core<32>::kValues];
+
+constexpr int kKeys = 32;   // keys per shared-memory tile
+constexpr int kQTile = 8;   // query rows per shared-memory tile in the dK/dV kernel
+
+// This thread's share of a row at src + offset, times mul; zeros where !active.
+template <class T, int D>
+__device__ __forceinline__ void load_part(const T* src, int64_t offset, int part, bool active, float mul, Part& x) {
+#pragma unroll
+  for (int i = 0; i < Core<D>::kValues; ++i)
+    x[i] = active ? to_float(src[offset + Core<D>::element(part, i)]) * mul : 0.f;
+}
+
+template <class T, int D>
+__device__ __forceinline__ void store_part(T* dst, int64_t offset, int part, const Part& x, float mul) {
+#pragma unroll
+  for (int i = 0; i < Core<D>::kValues; ++i) dst[offset + Core<D>::element(part, i)] = from_float<T>(x[i] * mul);
+}
+
+// This thread's share of x · row, row being D floats of shared memory, 16-byte aligned.
+template <int D>
+__device__ __forceinline__ float dot_part(const Part& x, const float* row, int part) {
+  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < Core<D>::kValues / 4; ++c) {
+    const float4 r = reinterpret_cast<const float4*>(row)[c * Core<D>::kParts + part];
+    acc += x[4 * c] * r.x + x[4 * c + 1] * r.y + x[4 * c + 2] * r.z + x[4 * c + 3] * r.w;
+  }
+  return acc;
+}
+
+// acc += a · row, on this thread's share
+template <int D>
+__device__ __forceinline__ void axpy_part(Part& acc, float a, const float* row, int part) {
+#pragma unroll
+  for (int c = 0; c < Core<D>::kValues / 4; ++c) {
+    const float4 r = reinterpret_cast<const float4*>(row)[c * Core<D>::kParts + part];
+    acc[4 * c] += a * r.x, acc[4 * c + 1] += a * r.y, acc[4 * c + 2] += a * r.z, acc[4 * c + 3] += a * r.w;
+  }
+}
+
+// Where a CUDA-core thread sits: its block's (tile, head, group), its row (rows_per_block to a
+// block) and its part of that row.
+struct CoreCoords {
+  BlockCoords block;
+  int64_t row;
+  bool active;  // row < L
+  int part;
+  unsigned lanes;  // the row's lanes, for row_sum
+};
+
+template <int D>
+__device__ __forceinline__ CoreCoords core_coords(const Problem& p, int rows_per_block) {
+  CoreCoords c;
+  c.block = block_coords((p.L + rows_per_block - 1) / rows_per_block, p.heads);
+  c.row = c.block.tile * rows_per_block + threadIdx.x / Core<D>::kParts;
+  c.active = c.row < p.L;
+  c.part = threadIdx.x % Core<D>::kParts;
+  c.lanes = row_lanes<Core<D>::kParts>();
+  return c;
+}
 
 template <class T, int D>
 __device__ __forceinline__ void load_tile(const T* src, const SeqView& view, int64_t k0, int64_t L, float (*dst)[D]) {
@@ -97,26 +173,23 @@ __device__ __forceinline__ void load_tile(const T* src, const SeqView& view, int
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __restrict__ q, Strides qs,
-                                                         const T* __restrict__ k, Strides ks, const T* __restrict__ v,
-                                                         Strides vs, T* __restrict__ out, Strides os,
-                                                         float* __restrict__ lse, Strides ls) {
-  __shared__ float k_tile[kKeys][D];
-  __shared__ float v_tile[kKeys][D];
-  const int64_t tiles = (p.L + kRows - 1) / kRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int64_t i = bc.tile * kRows + threadIdx.x;
-  const bool active = i < p.L;
+__global__ void __launch_bounds__(Core<D>::kThreads) forward_kernel(Problem p, const T* __restrict__ q, Strides qs,
+                                                                   const T* __restrict__ k, Strides ks,
+                                                                   const T* __restrict__ v, Strides vs,
+                                                                   T* __restrict__ out, Strides os,
+                                                                   float* __restrict__ lse, Strides ls) {
+  using C = Core<D>;
+  __shared__ __align__(16) float k_tile[kKeys][D];
+  __shared__ __align__(16) float v_tile[kKeys][D];
+  const auto [bc, i, active, part, lanes] = core_coords<D>(p, C::kRows);
   const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
                 vv = p.view(vs, bc.group, bc.head);
 
-  float qr[D], o[D];
-  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
+  Part qr, o;
+  load_part<T, D>(q, active ? qv.offset(i) : 0, part, active, p.scale * kLog2e, qr);  // log2 units: exp2f is cheap
 #pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qr[d] = active ? to_float(q[qv.offset(i) + d]) * (p.scale * kLog2e) : 0.f;  // log2 units: exp2f is cheap
-    o[d] = 0.f;
-  }
+  for (int d = 0; d < C::kValues; ++d) o[d] = 0.f;
+  const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
   const int64_t key_end = block_key_end(limit);
 
   float m = -INFINITY, l = 0.f;
@@ -125,38 +198,33 @@ __global__ void __launch_bounds__(kRows) forward_kernel(Problem p, const T* __re
     load_tile<T, D>(v, vv, k0, p.L, v_tile);
     __syncthreads();
     const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
-    if (visible > 0) {
-      float s[kKeys];  // unrolled by 2 only, to keep compile times sane; s lives in L1-backed local memory
+    if (visible > 0) {  // the same for all parts of a row, as row_sum needs
+      float s[kKeys];   // unrolled by 2 only, to keep compile times sane; s lives in L1-backed local memory
       float m_new = m;
 #pragma unroll 2
       for (int j = 0; j < kKeys; ++j) {
-        float acc = 0.f;
-#pragma unroll
-        for (int d = 0; d < D; ++d) acc += qr[d] * k_tile[j][d];  // same address across the warp: broadcast
+        const float acc = row_sum<C::kParts>(dot_part<D>(qr, k_tile[j], part), lanes);
         s[j] = j < visible ? acc : -INFINITY;
         m_new = fmaxf(m_new, s[j]);
       }
       const float alpha = exp2f(m - m_new);
       l *= alpha;
 #pragma unroll
-      for (int d = 0; d < D; ++d) o[d] *= alpha;
+      for (int d = 0; d < C::kValues; ++d) o[d] *= alpha;
 #pragma unroll 2
       for (int j = 0; j < kKeys; ++j) {
         const float pj = exp2f(s[j] - m_new);
         l += pj;
-#pragma unroll
-        for (int d = 0; d < D; ++d) o[d] += pj * v_tile[j][d];
+        axpy_part<D>(o, pj, v_tile[j], part);
       }
       m = m_new;
     }
     __syncthreads();
   }
   if (!active) return;
-  const float inv = l > 0.f ? 1.f / l : 0.f;
   const SeqView ov = p.view(os, bc.group, bc.head), lv = p.view(ls, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) out[ov.offset(i) + d] = from_float<T>(o[d] * inv);
-  lse[lv.offset(i)] = l > 0.f ? (m + log2f(l)) * kLn2 : INFINITY;
+  store_part<T, D>(out, ov.offset(i), part, o, l > 0.f ? 1.f / l : 0.f);
+  if (part == 0) lse[lv.offset(i)] = l > 0.f ? (m + log2f(l)) * kLn2 : INFINITY;
 }
 
 // delta_i = rowsum(grad_out_i ∘ out_i), the softmax-Jacobian term of every backward row.
@@ -174,27 +242,24 @@ __global__ void delta_kernel(Problem p, const T* __restrict__ go, Strides gs, co
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __restrict__ go, Strides gs,
-                                                        const T* __restrict__ q, Strides qs, const T* __restrict__ k,
-                                                        Strides ks, const T* __restrict__ v, Strides vs,
-                                                        const float* __restrict__ lse, Strides ls,
-                                                        const float* __restrict__ delta, Strides ds,
-                                                        T* __restrict__ grad_q, Strides dqs) {
-  __shared__ float k_tile[kKeys][D];
-  __shared__ float v_tile[kKeys][D];
-  const int64_t tiles = (p.L + kRows - 1) / kRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int64_t i = bc.tile * kRows + threadIdx.x;
-  const bool active = i < p.L;
+__global__ void __launch_bounds__(Core<D>::kThreads) grad_q_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                                  const T* __restrict__ q, Strides qs,
+                                                                  const T* __restrict__ k, Strides ks,
+                                                                  const T* __restrict__ v, Strides vs,
+                                                                  const float* __restrict__ lse, Strides ls,
+                                                                  const float* __restrict__ delta, Strides ds,
+                                                                  T* __restrict__ grad_q, Strides dqs) {
+  using C = Core<D>;
+  __shared__ __align__(16) float k_tile[kKeys][D];
+  __shared__ __align__(16) float v_tile[kKeys][D];
+  const auto [bc, i, active, part, lanes] = core_coords<D>(p, C::kRows);
   const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
                 vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head);
-  float qr[D], gr[D], dq[D];
+  Part qr, gr, dq;
+  load_part<T, D>(q, active ? qv.offset(i) : 0, part, active, p.scale, qr);
+  load_part<T, D>(go, active ? gv.offset(i) : 0, part, active, 1.f, gr);
 #pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qr[d] = active ? to_float(q[qv.offset(i) + d]) * p.scale : 0.f;
-    gr[d] = active ? to_float(go[gv.offset(i) + d]) : 0.f;
-    dq[d] = 0.f;
-  }
+  for (int d = 0; d < C::kValues; ++d) dq[d] = 0.f;
   const float lse2 = active ? lse[p.view(ls, bc.group, bc.head).offset(i)] * kLog2e : 0.f;
   const float di = active ? delta[p.view(ds, bc.group, bc.head).offset(i)] : 0.f;
   const int64_t limit = active ? p.key_limit(bc.group, i) : 0;
@@ -205,55 +270,42 @@ __global__ void __launch_bounds__(kRows) grad_q_kernel(Problem p, const T* __res
     __syncthreads();
     const int64_t visible = limit - k0 < 0 ? 0 : (limit - k0 > kKeys ? kKeys : limit - k0);
     for (int j = 0; j < visible; ++j) {
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += qr[d] * k_tile[j][d];
-        dp += gr[d] * v_tile[j][d];
-      }
-      const float ds_ij = exp2f(s * kLog2e - lse2) * (dp - di);
-#pragma unroll
-      for (int d = 0; d < D; ++d) dq[d] += ds_ij * k_tile[j][d];
+      const float s = row_sum<C::kParts>(dot_part<D>(qr, k_tile[j], part), lanes);
+      const float dp = row_sum<C::kParts>(dot_part<D>(gr, v_tile[j], part), lanes);
+      axpy_part<D>(dq, exp2f(s * kLog2e - lse2) * (dp - di), k_tile[j], part);
     }
     __syncthreads();
   }
   if (!active) return;
-  const SeqView dv = p.view(dqs, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) grad_q[dv.offset(i) + d] = from_float<T>(dq[d] * p.scale);
+  store_part<T, D>(grad_q, p.view(dqs, bc.group, bc.head).offset(i), part, dq, p.scale);
 }
 
+// A block owns kKeyRows key rows, their K and V values and dK, dV accumulators in registers,
+// and walks every query row in kQTile-row shared-memory tiles.
 template <class T, int D>
-__global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* __restrict__ go, Strides gs,
-                                                            const T* __restrict__ q, Strides qs,
-                                                            const T* __restrict__ k, Strides ks,
-                                                            const T* __restrict__ v, Strides vs,
-                                                            const float* __restrict__ lse, Strides ls,
-                                                            const float* __restrict__ delta, Strides ds,
-                                                            T* __restrict__ grad_k, Strides dks, T* __restrict__ grad_v,
-                                                            Strides dvs) {
-  __shared__ float k_rows[kKeyRows][D + 1];  // +1: thread j reads row j, so pad off the bank stride
-  __shared__ float v_rows[kKeyRows][D + 1];
-  __shared__ float q_tile[kQTile][D];
-  __shared__ float go_tile[kQTile][D];
+__global__ void __launch_bounds__(Core<D>::kKeyThreads) grad_kv_kernel(Problem p, const T* __restrict__ go, Strides gs,
+                                                                      const T* __restrict__ q, Strides qs,
+                                                                      const T* __restrict__ k, Strides ks,
+                                                                      const T* __restrict__ v, Strides vs,
+                                                                      const float* __restrict__ lse, Strides ls,
+                                                                      const float* __restrict__ delta, Strides ds,
+                                                                      T* __restrict__ grad_k, Strides dks,
+                                                                      T* __restrict__ grad_v, Strides dvs) {
+  using C = Core<D>;
+  __shared__ __align__(16) float q_tile[kQTile][D];
+  __shared__ __align__(16) float go_tile[kQTile][D];
   __shared__ float lse2_tile[kQTile], delta_tile[kQTile];
   __shared__ int64_t limit_tile[kQTile];
-  const int64_t tiles = (p.L + kKeyRows - 1) / kKeyRows;
-  const BlockCoords bc = block_coords(tiles, p.heads);
-  const int j = threadIdx.x;
-  const int64_t key = bc.tile * kKeyRows + j;
-  const bool active = key < p.L;
+  const auto [bc, key, active, part, lanes] = core_coords<D>(p, C::kKeyRows);
+  const int64_t first_key = bc.tile * C::kKeyRows;
   const SeqView qv = p.view(qs, bc.group, bc.head), kv = p.view(ks, bc.group, bc.head),
                 vv = p.view(vs, bc.group, bc.head), gv = p.view(gs, bc.group, bc.head),
                 lv = p.view(ls, bc.group, bc.head), dv = p.view(ds, bc.group, bc.head);
-  for (int d = 0; d < D; ++d) {
-    k_rows[j][d] = active ? to_float(k[kv.offset(key) + d]) : 0.f;
-    v_rows[j][d] = active ? to_float(v[vv.offset(key) + d]) : 0.f;
-  }
-  float dk[D], dvr[D];
+  Part kr, vr, dk, dvr;
+  load_part<T, D>(k, active ? kv.offset(key) : 0, part, active, 1.f, kr);
+  load_part<T, D>(v, active ? vv.offset(key) : 0, part, active, 1.f, vr);
 #pragma unroll
-  for (int d = 0; d < D; ++d) dk[d] = dvr[d] = 0.f;
-  const int64_t first_key = bc.tile * kKeyRows;
+  for (int d = 0; d < C::kValues; ++d) dk[d] = dvr[d] = 0.f;
   for (int64_t r0 = 0; r0 < p.L; r0 += kQTile) {
     __syncthreads();
     for (int idx = threadIdx.x; idx < kQTile * D; idx += blockDim.x) {
@@ -273,31 +325,18 @@ __global__ void __launch_bounds__(kKeyRows) grad_kv_kernel(Problem p, const T* _
     for (int r = 0; r < kQTile; ++r) tile_limit = max(tile_limit, limit_tile[r]);
     if (tile_limit <= first_key) continue;  // no row of this tile sees any key of this block (uniform)
     for (int r = 0; r < kQTile; ++r) {
-      if (!active || key >= limit_tile[r]) continue;
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += q_tile[r][d] * k_rows[j][d];
-        dp += go_tile[r][d] * v_rows[j][d];
-      }
+      if (!active || key >= limit_tile[r]) continue;  // the same for all parts of a row
+      const float s = row_sum<C::kParts>(dot_part<D>(kr, q_tile[r], part), lanes);
+      const float dp = row_sum<C::kParts>(dot_part<D>(vr, go_tile[r], part), lanes);
       const float pij = exp2f(s * kLog2e - lse2_tile[r]);
-      const float ds_ij = pij * (dp - delta_tile[r]);
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        dvr[d] += pij * go_tile[r][d];
-        dk[d] += ds_ij * q_tile[r][d];  // q_tile already holds scale·q
-      }
+      axpy_part<D>(dvr, pij, go_tile[r], part);
+      axpy_part<D>(dk, pij * (dp - delta_tile[r]), q_tile[r], part);  // q_tile already holds scale·q
     }
   }
   if (!active) return;
-  const SeqView dkv = p.view(dks, bc.group, bc.head), dvv = p.view(dvs, bc.group, bc.head);
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    grad_k[dkv.offset(key) + d] = from_float<T>(dk[d]);
-    grad_v[dvv.offset(key) + d] = from_float<T>(dvr[d]);
-  }
+  store_part<T, D>(grad_k, p.view(dks, bc.group, bc.head).offset(key), part, dk, 1.f);
+  store_part<T, D>(grad_v, p.view(dvs, bc.group, bc.head).offset(key), part, dvr, 1.f);
 }
-
 
 // ---- tensor-core forward ------------------------------------------------------------------
 // A block owns 64 query rows; warp w owns rows [16w, 16w+16). Per 64-key tile:

@@ -60,7 +60,7 @@ void launch_attention_forward(DType dtype, const AttentionShape& shape, const At
       }
     }
   }
-  forward_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
+  forward_kernel<T, D><<<row_blocks(p, Core<D>::kRows), Core<D>::kThreads, 0, stream>>>(
       p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
       static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
       static_cast<float*>(lse.data), strides_of(lse.stride));
@@ -108,11 +108,11 @@ void launch_attention_backward(DType dtype, const AttentionShape& shape, const A
       return;
     }
   }
-  grad_q_kernel<T, D><<<row_blocks(p, kRows), kRows, 0, stream>>>(
+  grad_q_kernel<T, D><<<row_blocks(p, Core<D>::kRows), Core<D>::kThreads, 0, stream>>>(
       p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
       strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
       static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
-  grad_kv_kernel<T, D><<<row_blocks(p, kKeyRows), kKeyRows, 0, stream>>>(
+  grad_kv_kernel<T, D><<<row_blocks(p, Core<D>::kKeyRows), Core<D>::kKeyThreads, 0, stream>>>(
       p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
       strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
       static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),

@@ -95,15 +95,6 @@ __device__ __forceinline__ void axpy_slice(Slice<T, D>& acc, float a, const T* r
   for_slice<T, D>(row, part, [&](int i, float x) { acc[i] += a * x; });
 }
 
-// A row's threads are an aligned group of lanes of one warp: mask names just them, since
-// rows of one warp run different trip counts under the causal mask.
-template <int kRowThreads>
-__device__ __forceinline__ float row_sum(float x, unsigned mask) {
-#pragma unroll
-  for (int offset = 1; offset < kRowThreads; offset *= 2) x += __shfl_xor_sync(mask, x, offset);
-  return x;
-}
-
 struct TemporalProblem {
   int64_t T, S, heads, sequences;  // sequences = B·S·heads
   int per_block;                   // whole sequences per block: kSlots / T
@@ -154,7 +145,7 @@ __device__ __forceinline__ RowCoords row_coords(const TemporalProblem& p) {
   rc.first_row = rc.slot - rc.frame;
   rc.active = rc.slot < rc.rows;
   rc.sequence = rc.first + rc.slot / frames;
-  rc.mask = ((1u << kRowThreads) - 1) << ((threadIdx.x % 32) & ~(kRowThreads - 1));
+  rc.mask = row_lanes<kRowThreads>();
   return rc;
 }
 

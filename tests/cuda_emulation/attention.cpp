@@ -160,7 +160,7 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
         usage("the tensor-core kernels take f16/bf16 with head_dim 64 or 128");
       }
     } else {
-      emu::launch(row_blocks(p, kRows), kRows, [&] {
+      emu::launch(row_blocks(p, Core<D>::kRows), Core<D>::kThreads, [&] {
         forward_kernel<T, D>(p, q.data(), is, k.data(), is, v.data(), is, out.data(), os, lse.data(), ls);
       });
     }
@@ -185,11 +185,11 @@ int run(const Case& c, const std::string& layout_name, double tolerance) {
       }
     }
     if (!tensor_core_backward) {
-      emu::launch(row_blocks(p, kRows), kRows, [&] {
+      emu::launch(row_blocks(p, Core<D>::kRows), Core<D>::kThreads, [&] {
         grad_q_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
                             delta.data(), ls, dq.data(), os);
       });
-      emu::launch(row_blocks(p, kKeyRows), kKeyRows, [&] {
+      emu::launch(row_blocks(p, Core<D>::kKeyRows), Core<D>::kKeyThreads, [&] {
         grad_kv_kernel<T, D>(p, go.data(), is, q.data(), is, k.data(), is, v.data(), is, lse.data(), ls,
                              delta.data(), ls, dk.data(), os, dv.data(), os);
       });
