@@ -2,7 +2,9 @@
 
 CPU: spacetime attention on B=1, T=8..16, S=256..1024, heads 4..8, head_dim 64, forward and
 forward+backward; full mode against torch SDPA on ready-made (B, heads, T·S, D) inputs,
-spatial/temporal against the permute -> SDPA -> permute reference; patchify GB/s against a
+spatial/temporal against the permute -> SDPA -> permute reference; each side's GFLOP/s, and
+ours against the rate of an fp32 torch.mm timed right after (how near the machine's FMA
+ceiling the kernels run decides how far ahead of SDPA they can get); patchify GB/s against a
 plain copy of the same bytes. CUDA (when available): the 480p-latent shapes (T=21, S=30×52,
 heads 12..24, head_dim 64/128, bf16) against SDPA's flash and cuDNN backends, with CUDA
 events, warm-up and an L2 flush before every timed call; TFLOP/s and the fraction of peak, and
@@ -45,20 +47,38 @@ def attention_bytes(shape, element_size: int, backward: bool) -> float:
     return forward + (8 * tensor + lse if backward else 0)
 
 
+def emit(*lines: str) -> None:
+    """Prints report lines as they are measured, so a run cut short keeps what it did."""
+    for line in lines:
+        print(line, flush=True)
+
+
 # --- timing ------------------------------------------------------------------------------
 
 
-def time_cpu_pair(ours, base, repeats: int) -> tuple[float, float, float]:
-    """Median wall times (seconds) of two callables measured alternately, after a warm-up of
-    each, so both see the same machine load; plus the ratio of their best times."""
-    ours(), base()
-    t_ours, t_base = [], []
+def time_cpu(fns, repeats: int) -> tuple[list[float], list[float]]:
+    """Median and best wall times (seconds) of callables measured in turn, after a warm-up of
+    each, so that all of them see the same machine load."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((ours, t_ours), (base, t_base)):
+        for fn, t in zip(fns, times):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(t_ours), statistics.median(t_base), min(t_base) / min(t_ours)
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times], [min(t) for t in times]
+
+
+MATMUL_N = 2048  # fp32 torch.mm of MATMUL_N², the yardstick for attention's GFLOP/s
+
+
+def matmul_case():
+    """A callable doing one MATMUL_N² fp32 torch.mm, and its FLOPs: what a tuned BLAS gets from
+    this machine's FMA units at the current thread count (a kernel whose tiles stay in cache
+    can pass it somewhat)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return (lambda: a @ b), 2.0 * MATMUL_N**3
 
 
 def time_cuda(fn, repeats: int) -> float:
@@ -102,9 +122,13 @@ def attention_cases(shape, mode, dtype, device, backward):
     return (lambda: ours_fwd().backward(grad)), (lambda: base_fwd().backward(base_grad))
 
 
-def bench_cpu(repeats: int, quick: bool) -> list[str]:
-    rows = ["| op | shape (B, T, S, heads, D) | pass | skyloom ms | baseline ms | speed-up (medians) | "
-            "speed-up (best) | target |", "|---|---|---|---|---|---|---|---|"]
+def bench_cpu(repeats: int, quick: bool) -> None:
+    matmul, matmul_flops = matmul_case()
+    emit(f"GFLOP/s: the attention's matmul FLOPs over its median time; matmul: the best of 3 fp32 torch.mm of "
+         f"{MATMUL_N}² ({torch.get_num_threads()} threads) timed right after each row", "",
+         "| op | shape (B, T, S, heads, D) | pass | skyloom ms | baseline ms | speed-up (medians) | "
+         "speed-up (best) | skyloom GFLOP/s | baseline GFLOP/s | matmul GFLOP/s | skyloom of matmul | target |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = {
         "full": [(1, 8, 256, 4, 64)] + ([] if quick else [(1, 16, 256, 8, 64)]),
         "spatial": [(1, 8, 256, 4, 64)] + ([] if quick else [(1, 16, 1024, 8, 64)]),
@@ -115,30 +139,32 @@ def bench_cpu(repeats: int, quick: bool) -> list[str]:
         for shape in mode_shapes:
             for backward in (False, True):
                 ours, base = attention_cases(shape, mode, torch.float32, "cpu", backward)
-                t_ours, t_base, best = time_cpu_pair(ours, base, repeats)
-                rows.append(f"| attention {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | "
-                            f"{t_ours * 1e3:.1f} | {t_base * 1e3:.1f} | {t_base / t_ours:.2f}× | {best:.2f}× | {target} |")
-                print(rows[-1], flush=True)
-    rows += ["", "| op | video (B, C, T, H, W), patch | skyloom GB/s | copy GB/s | fraction of copy (medians) | "
-             "(best) | target |", "|---|---|---|---|---|---|---|"]
+                (t_ours, t_base), (b_ours, b_base) = time_cpu([ours, base], repeats)
+                _, (b_mm,) = time_cpu([matmul], 3)  # right after, apart: between them it would evict their caches
+                gflop, mm_gflops = attention_flops(shape, mode, False, backward) / 1e9, matmul_flops / b_mm / 1e9
+                emit(f"| attention {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | "
+                     f"{t_ours * 1e3:.1f} | {t_base * 1e3:.1f} | {t_base / t_ours:.2f}× | {b_base / b_ours:.2f}× | "
+                     f"{gflop / t_ours:.0f} | {gflop / t_base:.0f} | {mm_gflops:.0f} | "
+                     f"{gflop / t_ours / mm_gflops:.0%} | {target} |")
+    emit("", "| op | video (B, C, T, H, W), patch | skyloom GB/s | copy GB/s | fraction of copy (medians) | "
+         "(best) | target |", "|---|---|---|---|---|---|---|")
     for shape, patch in [((1, 16, 16, 64, 64), (1, 2, 2)), ((2, 16, 21, 60, 104), (1, 2, 2))]:
         x = torch.randn(shape)
         moved = 2 * x.numel() * x.element_size()  # read once, written once
-        t_patch, t_copy, best = time_cpu_pair(lambda: ops.patchify(x, patch), lambda: x.clone(), 3 * repeats)
-        rows.append(f"| patchify fp32 | {shape}, {patch} | {moved / t_patch / 1e9:.1f} | {moved / t_copy / 1e9:.1f} | "
-                    f"{t_copy / t_patch:.2f} | {best:.2f} | ≥ 0.5 |")
-        print(rows[-1], flush=True)
-    return rows
+        (t_patch, t_copy), (b_patch, b_copy) = time_cpu([lambda: ops.patchify(x, patch), lambda: x.clone()],
+                                                        3 * repeats)
+        emit(f"| patchify fp32 | {shape}, {patch} | {moved / t_patch / 1e9:.1f} | {moved / t_copy / 1e9:.1f} | "
+             f"{t_copy / t_patch:.2f} | {b_copy / b_patch:.2f} | ≥ 0.5 |")
 
 
-def bench_cuda(repeats: int, quick: bool) -> list[str]:
+def bench_cuda(repeats: int, quick: bool) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     name = torch.cuda.get_device_name()
     peak = next((p for key, p in PEAK_BF16_TFLOPS.items() if key in name), None)
-    rows = [f"CUDA device: {name}", "",
-            "| mode | shape | pass | skyloom ms | TFLOP/s | of peak | GB/s | of copy | flash ms | cuDNN ms | "
-            "speed-up vs best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    emit(f"CUDA device: {name}", "",
+         "| mode | shape | pass | skyloom ms | TFLOP/s | of peak | GB/s | of copy | flash ms | cuDNN ms | "
+         "speed-up vs best |", "|---|---|---|---|---|---|---|---|---|---|---|")
     configs = [(12, 64), (24, 64), (16, 128)] if not quick else [(12, 64)]
     for heads, D in configs:
         shape = (1, 21, 30 * 52, heads, D)
@@ -159,20 +185,17 @@ def bench_cuda(repeats: int, quick: bool) -> list[str]:
                 best = min((t for t in base_times.values() if t == t), default=float("nan"))
                 tflops = attention_flops(shape, mode, False, backward) / t_ours / 1e12
                 gbps = attention_bytes(shape, 2, backward) / t_ours / 1e9
-                rows.append(
+                emit(
                     f"| {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.2f} | {tflops:.0f} | "
                     f"{'' if peak is None else f'{tflops / peak:.0%}'} | {gbps:.0f} | {gbps / copy_gbps:.2f} | "
                     f"{base_times['flash'] * 1e3:.2f} | {base_times['cudnn'] * 1e3:.2f} | {best / t_ours:.2f}× |")
-                print(rows[-1], flush=True)
     for shape, patch in [((1, 16, 21, 60, 104), (1, 2, 2))]:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         moved = 2 * x.numel() * x.element_size()
         t_patch = time_cuda(lambda: ops.patchify(x, patch), repeats)
         t_copy = time_cuda(lambda: x.clone(), repeats)
-        rows.append(f"| patchify bf16 {shape} {patch} | {moved / t_patch / 1e9:.0f} GB/s | copy "
-                    f"{moved / t_copy / 1e9:.0f} GB/s | {t_copy / t_patch:.2f} of copy |")
-        print(rows[-1], flush=True)
-    return rows
+        emit(f"| patchify bf16 {shape} {patch} | {moved / t_patch / 1e9:.0f} GB/s | copy "
+             f"{moved / t_copy / 1e9:.0f} GB/s | {t_copy / t_patch:.2f} of copy |")
 
 
 def main() -> None:
