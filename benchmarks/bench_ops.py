@@ -31,10 +31,11 @@ from skyloom import _C, ops, reference_ops
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
-def attention_flops(shape, mode: str, causal: bool, backward: bool) -> float:
+def attention_flops(shape, mode: str, backward: bool) -> float:
+    """Matmul FLOPs of a non-causal call: 4·rows·keys·head_dim per sequence forward."""
     B, T, S, heads, D = shape
     rows, keys, count = {"full": (T * S, T * S, 1), "spatial": (S, S, T), "temporal": (T, T, S)}[mode]
-    flops = 4.0 * B * heads * count * rows * keys * D * (0.5 if causal else 1.0)
+    flops = 4.0 * B * heads * count * rows * keys * D
     return flops * (3.5 if backward else 1.0)  # backward is ~2.5x the forward's matmuls
 
 
@@ -141,7 +142,7 @@ def bench_cpu(repeats: int, quick: bool) -> None:
                 ours, base = attention_cases(shape, mode, torch.float32, "cpu", backward)
                 (t_ours, t_base), (b_ours, b_base) = time_cpu([ours, base], repeats)
                 _, (b_mm,) = time_cpu([matmul], 3)  # right after, apart: between them it would evict their caches
-                gflop, mm_gflops = attention_flops(shape, mode, False, backward) / 1e9, matmul_flops / b_mm / 1e9
+                gflop, mm_gflops = attention_flops(shape, mode, backward) / 1e9, matmul_flops / b_mm / 1e9
                 emit(f"| attention {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | "
                      f"{t_ours * 1e3:.1f} | {t_base * 1e3:.1f} | {t_base / t_ours:.2f}× | {b_base / b_ours:.2f}× | "
                      f"{gflop / t_ours:.0f} | {gflop / t_base:.0f} | {mm_gflops:.0f} | "
@@ -183,7 +184,7 @@ def bench_cuda(repeats: int, quick: bool) -> None:
                     except RuntimeError:  # that backend does not run this shape/dtype
                         base_times[label] = float("nan")
                 best = min((t for t in base_times.values() if t == t), default=float("nan"))
-                tflops = attention_flops(shape, mode, False, backward) / t_ours / 1e12
+                tflops = attention_flops(shape, mode, backward) / t_ours / 1e12
                 gbps = attention_bytes(shape, 2, backward) / t_ours / 1e9
                 emit(
                     f"| {mode} | {shape} | {'fwd+bwd' if backward else 'fwd'} | {t_ours * 1e3:.2f} | {tflops:.0f} | "

@@ -1,7 +1,8 @@
 // What the CUDA attention kernels and their launchers share: float conversions of the element
 // types, the exp2 constants of the online softmax, sums across the threads of a split row,
 // the four element strides of a (B, T, S, heads, ·) operand passed by value to a kernel, and
-// the launchers' checks (row alignment, shared memory, grid size) and dtype/head_dim dispatch.
+// the launchers' checks (row alignment, shared memory, grid size), launch with dynamic shared
+// memory and dtype/head_dim dispatch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -95,6 +96,18 @@ inline bool rows_aligned(DType dtype, std::initializer_list<Operand> operands) {
   }
   return true;
 }
+
+#if defined(__CUDACC__)
+// kernel<<<blocks, threads, smem, stream>>>(args...), opting the kernel in to `smem` bytes of
+// dynamic shared memory first: past 48 KB a kernel must ask (the launcher has checked the
+// device has them, shared_memory_fits).
+template <class... Params, class... Args>
+void launch_with_shared_memory(void (*kernel)(Params...), unsigned blocks, int threads, size_t smem,
+                               cudaStream_t stream, Args... args) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  kernel<<<blocks, threads, smem, stream>>>(args...);
+}
+#endif
 
 // Runtime dtype and head_dim to template arguments (flash-attention's static_switch idea).
 template <class Fn>

@@ -42,8 +42,8 @@ void launch_attention_forward(DType dtype, const AttentionShape& shape, const At
           rows_aligned(dtype, {{q.data, q.stride}, {k.data, k.stride}, {v.data, v.stride}, {out.data, out.stride}});
       if (aligned && tensor_cores_available(MmaTraits<T, D>::smem_bytes)) {
         const size_t smem = MmaTraits<T, D>::smem_bytes;
-        cudaFuncSetAttribute(mma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        mma_forward_kernel<T, D><<<row_blocks(p, MmaTraits<T, D>::kRows), 32 * kMmaWarps, smem, stream>>>(
+        launch_with_shared_memory(mma_forward_kernel<T, D>,
+                                  row_blocks(p, MmaTraits<T, D>::kRows), 32 * kMmaWarps, smem, stream,
             p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
             strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
             strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
@@ -51,8 +51,8 @@ void launch_attention_forward(DType dtype, const AttentionShape& shape, const At
       }
       const size_t smem = WmmaSmem<T, D>::bytes;
       if (tensor_cores_available(smem)) {
-        cudaFuncSetAttribute(wmma_forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        wmma_forward_kernel<T, D><<<row_blocks(p, kWmmaRows), 32 * kWmmaWarps, smem, stream>>>(
+        launch_with_shared_memory(wmma_forward_kernel<T, D>,
+                                  row_blocks(p, kWmmaRows), 32 * kWmmaWarps, smem, stream,
             p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data),
             strides_of(k.stride), static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data),
             strides_of(out.stride), static_cast<float*>(lse.data), strides_of(lse.stride));
@@ -92,15 +92,13 @@ void launch_attention_backward(DType dtype, const AttentionShape& shape, const A
                              {v.data, v.stride}, {grad_q.data, grad_q.stride}, {grad_k.data, grad_k.stride},
                              {grad_v.data, grad_v.stride}})) {
       using L = MmaBackwardTraits<T, D>;
-      cudaFuncSetAttribute(mma_grad_q_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(L::grad_q_smem));
-      mma_grad_q_kernel<T, D><<<row_blocks(p, L::kQueryRows), 32 * kMmaWarps, L::grad_q_smem, stream>>>(
+      launch_with_shared_memory(mma_grad_q_kernel<T, D>,
+                                row_blocks(p, L::kQueryRows), 32 * kMmaWarps, L::grad_q_smem, stream,
           p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
           strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
           static_cast<T*>(grad_q.data), strides_of(grad_q.stride));
-      cudaFuncSetAttribute(mma_grad_kv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(L::grad_kv_smem));
-      mma_grad_kv_kernel<T, D><<<row_blocks(p, L::kKeyRows), 32 * kMmaWarps, L::grad_kv_smem, stream>>>(
+      launch_with_shared_memory(mma_grad_kv_kernel<T, D>,
+                                row_blocks(p, L::kKeyRows), 32 * kMmaWarps, L::grad_kv_smem, stream,
           p, go, strides_of(grad_out.stride), qp, strides_of(q.stride), kp, strides_of(k.stride), vp,
           strides_of(v.stride), lp, strides_of(lse.stride), delta_workspace, delta_strides,
           static_cast<T*>(grad_k.data), strides_of(grad_k.stride), static_cast<T*>(grad_v.data),

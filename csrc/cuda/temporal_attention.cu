@@ -33,8 +33,8 @@ bool temporal_attention_forward(DType dtype, const AttentionShape& shape, const 
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    cudaFuncSetAttribute(temporal::forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    temporal::forward_kernel<T, D><<<temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream>>>(
+    launch_with_shared_memory(temporal::forward_kernel<T, D>,
+                              temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream,
         p, static_cast<const T*>(q.data), strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride),
         static_cast<const T*>(v.data), strides_of(v.stride), static_cast<T*>(out.data), strides_of(out.stride),
         static_cast<float*>(lse.data), strides_of(lse.stride));
@@ -56,8 +56,8 @@ bool temporal_attention_backward(DType dtype, const AttentionShape& shape, const
   dispatch(dtype, shape.head_dim, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    cudaFuncSetAttribute(temporal::backward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    temporal::backward_kernel<T, D><<<temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream>>>(
+    launch_with_shared_memory(temporal::backward_kernel<T, D>,
+                              temporal::block_count(p), RowSlice<T, D>::kThreads, smem, stream,
         p, static_cast<const T*>(grad_out.data), strides_of(grad_out.stride), static_cast<const T*>(q.data),
         strides_of(q.stride), static_cast<const T*>(k.data), strides_of(k.stride), static_cast<const T*>(v.data),
         strides_of(v.stride), static_cast<const T*>(out.data), strides_of(out.stride),
