@@ -272,6 +272,25 @@ def test_temporal_attention_around_the_vector_widths(target, dtype, T, causal):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.float32, (1, 8, 2048, 4, 64)),  # 16 MiB a tensor: streamed in whole vectors
+    (torch.float32, (1, 8, 2048, 5, 52)),  # 52 floats a row: whole SSE vectors only, the rest stored as usual
+    (torch.float64, (1, 4, 2048, 4, 64)),
+])
+def test_temporal_attention_streams_large_outputs(target, dtype, shape):
+    """Outputs of 16 MiB and more are written past the caches (kStreamOutputBytes in attention.cpp)."""
+    problem = dict(shape=shape, mode="temporal", causal=True, valid_lengths=None)
+    (q, k, v), valid = _attention_inputs(problem, dtype, "cpu", 7)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    with _on(target):
+        ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), ours, ref):
+        assert a.nbytes >= 16 * 2**20
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
 def test_attention_long_sequence_crosses_tiles(target):
     """More queries and keys than one tile (256 x 64), with a causal mask that cuts tiles mid-way."""
     problem = dict(shape=(1, 5, 67, 1, 16), mode="full", causal=True, valid_lengths=[4])
@@ -358,9 +377,10 @@ def test_large_cpu_outputs_ask_for_huge_pages():
                     ("tokens", tokens), ("video", video)]:
         assert _huge_pages_advised(t), name
     if "THP_MEM_ALLOC_ENABLE" not in os.environ:  # torch's own allocator asks for none
-        # 64 MiB is above glibc's largest mmap threshold (32 MiB), so this is fresh memory: a
-        # smaller buffer may reuse heap pages that an earlier op's output already advised.
-        assert not _huge_pages_advised(torch.empty(16 * 2**20))
+        # 512 MiB (never touched, so free) is above glibc's largest mmap threshold (32 MiB) and
+        # more than the heap ever has free in these tests, so this is fresh memory: a smaller
+        # buffer may reuse heap pages that an earlier op's output already advised.
+        assert not _huge_pages_advised(torch.empty(128 * 2**20))
 
 
 @pytest.mark.cuda

@@ -19,10 +19,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>  // streaming stores (vstream)
 #endif
 
 // Vector values only cross always_inline calls, so the ABI note about wide vectors is moot.
@@ -51,6 +55,7 @@ struct Problem {
   int64_t L;        // tokens per sequence
   int64_t groups;   // sequences per head
   int64_t padded_d; // head_dim rounded up to 2 vectors of the accumulation type
+  bool stream_out;  // write the temporal kernels' outputs with streaming stores (kStreamOutputBytes)
 
   SeqView view(const int64_t stride[4], int64_t group, int64_t head) const {
     const int64_t T = shape.T, S = shape.S;
@@ -116,10 +121,18 @@ template <class A> struct BackwardTile {
   int64_t Dp;
   A* grad_v; A* grad_k; int64_t ldkv;  // accumulated, one row per key
   A* grad_q; int64_t ldgq;             // accumulated, one row per query (unscaled)
+  bool accumulate;                     // false: the gradient tiles are overwritten, not added to
 };
 
+// An output tensor this large is written with streaming stores, which skip the read a normal store
+// does of every line it misses and leave the caches to the inputs: by the time the next op reads
+// it, little of a 16 MiB output is still cached on a 2-16 core machine anyway. On the large temporal
+// forward (32 MiB output) they took 0.8-0.9 ms off 11.5-13.9 (docs/performance.md); a 2 MiB output,
+// which the backward pass or the next layer reads back from L2/L3, is stored the usual way.
+constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
+
 Problem make_problem(DType dtype, const AttentionShape& shape, const AttentionOptions& options, int vector_bytes) {
-  Problem p{shape, options, 0, 0, 0};
+  Problem p{shape, options, 0, 0, 0, false};
   switch (options.mode) {
     case AttentionMode::kFull: p.L = shape.T * shape.S, p.groups = shape.B; break;
     case AttentionMode::kSpatial: p.L = shape.S, p.groups = shape.B * shape.T; break;
@@ -128,6 +141,7 @@ Problem make_problem(DType dtype, const AttentionShape& shape, const AttentionOp
   }
   const int64_t lanes = vector_bytes / (dtype == DType::kFloat64 ? 8 : 4);
   p.padded_d = round_up(shape.head_dim, 2 * lanes);
+  p.stream_out = shape.B * shape.T * shape.S * shape.heads * shape.head_dim * element_size(dtype) >= kStreamOutputBytes;
   return p;
 }
 
