@@ -109,6 +109,24 @@ def test_patchify_vector_tiles_and_their_tails(target, dtype, ph, pw, W_patches,
         assert torch.equal(ops.unpatchify(source, patch, grid), x.contiguous())
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("dtype,patch", [
+    (torch.float32, (1, 2, 2)),  # 8-byte runs, moved in tiles
+    (torch.float16, (2, 2, 4)),
+    (torch.float32, (1, 2, 1)),  # 4-byte runs, one at a time
+])
+def test_patchify_streams_large_outputs(target, dtype, patch):
+    """Tokens of 12 MiB and more are gathered a block at a time and written with streaming stores
+    (kStreamOutputBytes in streaming.h). 102 tokens a slab: a block of 64, then one of 38 with a
+    tail outside whole tiles; C = 5 leaves pixel rows outside them too."""
+    pt, ph, pw = patch
+    x = torch.randn(1, 5, 100 // min(pw, 2), 62, 102 * pw).to(dtype)  # 12.6 MB
+    with _on(target):
+        tokens = ops.patchify(x, patch)
+    assert tokens.nbytes >= 12 * 2**20
+    assert torch.equal(tokens, reference_ops.patchify(x, patch))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_patchify_gradients_are_unpatchify(device):
     x = torch.randn(2, 3, 4, 6, 10, device=device, requires_grad=True)
@@ -278,7 +296,7 @@ def test_temporal_attention_around_the_vector_widths(target, dtype, T, causal):
     (torch.float64, (1, 4, 2048, 4, 64)),
 ])
 def test_temporal_attention_streams_large_outputs(target, dtype, shape):
-    """Outputs of 16 MiB and more are written past the caches (kStreamOutputBytes in attention.cpp)."""
+    """Outputs of 12 MiB and more are written with streaming stores (kStreamOutputBytes in streaming.h)."""
     problem = dict(shape=shape, mode="temporal", causal=True, valid_lengths=None)
     (q, k, v), valid = _attention_inputs(problem, dtype, "cpu", 7)
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(8), dtype=dtype)

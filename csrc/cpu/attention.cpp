@@ -11,6 +11,7 @@
 // AVX2 copy on an AVX-512 CPU (isa_for).
 #include "cpu/attention.h"
 #include "cpu/capability.h"
+#include "cpu/streaming.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -24,9 +25,6 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-#if defined(__x86_64__)
-#include <immintrin.h>  // streaming stores (vstream)
 #endif
 
 // Vector values only cross always_inline calls, so the ABI note about wide vectors is moot.
@@ -55,7 +53,7 @@ struct Problem {
   int64_t L;        // tokens per sequence
   int64_t groups;   // sequences per head
   int64_t padded_d; // head_dim rounded up to 2 vectors of the accumulation type
-  bool stream_out;  // write the temporal kernels' outputs with streaming stores (kStreamOutputBytes)
+  bool stream_out;  // the temporal kernels write each output with streaming stores (streaming.h)
 
   SeqView view(const int64_t stride[4], int64_t group, int64_t head) const {
     const int64_t T = shape.T, S = shape.S;
@@ -124,13 +122,6 @@ template <class A> struct BackwardTile {
   bool accumulate;                     // false: the gradient tiles are overwritten, not added to
 };
 
-// An output tensor this large is written with streaming stores, which skip the read a normal store
-// does of every line it misses and leave the caches to the inputs: by the time the next op reads
-// it, little of a 16 MiB output is still cached on a 2-16 core machine anyway. On the large temporal
-// forward (32 MiB output) they took 0.8-0.9 ms off 11.5-13.9 (docs/performance.md); a 2 MiB output,
-// which the backward pass or the next layer reads back from L2/L3, is stored the usual way.
-constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
-
 Problem make_problem(DType dtype, const AttentionShape& shape, const AttentionOptions& options, int vector_bytes) {
   Problem p{shape, options, 0, 0, 0, false};
   switch (options.mode) {
@@ -141,7 +132,9 @@ Problem make_problem(DType dtype, const AttentionShape& shape, const AttentionOp
   }
   const int64_t lanes = vector_bytes / (dtype == DType::kFloat64 ? 8 : 4);
   p.padded_d = round_up(shape.head_dim, 2 * lanes);
-  p.stream_out = shape.B * shape.T * shape.S * shape.heads * shape.head_dim * element_size(dtype) >= kStreamOutputBytes;
+  // On the large temporal forward (32 MiB output) streaming took 0.8-0.9 ms off 11.5-13.9
+  // (docs/performance.md, 2026-12-07).
+  p.stream_out = stream_output(shape.B * shape.T * shape.S * shape.heads * shape.head_dim * element_size(dtype));
   return p;
 }
 

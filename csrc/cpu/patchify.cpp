@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/capability.h"
+#include "cpu/streaming.h"
 
 namespace skyloom::cpu {
 namespace {
@@ -104,51 +105,65 @@ void copy_run(const Elem* src, Elem* dst, int64_t v, int64_t t) {
 }
 
 template <class Elem, bool kToTokens, int PH, int PW>
-void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g) {
+void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g,
+                bool stream) {
   [[maybe_unused]] const TileMover mover = tile_mover();  // outside the parallel loop: it reads the environment
   const int64_t GT = g.T / g.pt, GH = g.H / g.ph, GW = g.W / g.pw;
   const int64_t slabs = g.B * GT * GH;
   const int64_t ph = PH > 0 ? PH : g.ph, pw = PW > 0 ? PW : g.pw;
+  const int64_t rows = g.C * g.pt * ph, token_stride = ts[1];  // pixel rows per slab, in feature order
+  int64_t block = std::max<int64_t>(1, kTokenBlockBytes / (rows * pw * int64_t(sizeof(Elem))));
+  if (block >= 4) block -= block % 4;  // whole tiles of either width, so only the slab's last block has a tail
+  // Streamed (patchify's contiguous tokens only), a block is gathered into a per-thread buffer
+  // that stays in L1 and then copied out whole lines at a time: the gather fills each line of a
+  // token in several visits, which streaming stores cannot do.
+  stream = stream && kToTokens && PH > 0 && PW > 0 && ts[2] == 1 && token_stride == rows * pw;
   // Video offset of each of a slab's pixel rows (c, it, ih), in feature order, from the slab's first.
   std::vector<int64_t> row_offsets;
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t it = 0; it < g.pt; ++it)
       for (int64_t ih = 0; ih < ph; ++ih) row_offsets.push_back(c * vs[1] + it * vs[2] + ih * vs[3]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
+  {
+  std::vector<Elem> gathered(stream ? size_t(block * token_stride) : 0);
+#pragma omp for schedule(static)
   for (int64_t slab = 0; slab < slabs; ++slab) {
     const int64_t b = slab / (GT * GH), gt = (slab / GH) % GT, gh = slab % GH;
     const int64_t v_slab = b * vs[0] + gt * g.pt * vs[2] + gh * ph * vs[3];
     const int64_t t_slab = b * ts[0] + (gt * GH + gh) * GW * ts[1];
     if constexpr (PH > 0 && PW > 0) {
-      const int64_t rows = g.C * g.pt * PH, token_stride = ts[1];  // pixel rows per slab, in feature order
-      int64_t block = std::max<int64_t>(1, kTokenBlockBytes / (rows * PW * int64_t(sizeof(Elem))));
-      if (block >= 4) block -= block % 4;  // whole tiles of either width, so only the slab's last block has a tail
       const auto v_row = [&](int64_t r) { return v_slab + row_offsets[r]; };
       for (int64_t gw0 = 0; gw0 < GW; gw0 += block) {
         const int64_t gw_end = std::min(GW, gw0 + block);
+        // where this block's tokens go: token gw at out + t_block + gw·token_stride
+        Elem* out = stream ? gathered.data() : dst;
+        const int64_t t_block = stream ? -gw0 * token_stride : t_slab;
         int64_t r = 0;
         if constexpr (sizeof(Elem) * PW == 8) {
           const int64_t L = mover.lanes, tiles = (gw_end - gw0) / L, run = sizeof(Elem) * PW;
           for (; tiles > 0 && r + L <= rows; r += L) {
             const char* in[4];  // L pixel rows and L tokens, whichever side is read
-            char* out[4];
+            char* to[4];
             for (int64_t i = 0; i < L; ++i) {
-              const int64_t v = v_row(r + i) + gw0 * PW, t = t_slab + (gw0 + i) * token_stride + r * PW;
+              const int64_t v = v_row(r + i) + gw0 * PW, t = t_block + (gw0 + i) * token_stride + r * PW;
               in[i] = reinterpret_cast<const char*>(src + (kToTokens ? v : t));
-              out[i] = reinterpret_cast<char*>(dst + (kToTokens ? t : v));
+              to[i] = reinterpret_cast<char*>(out + (kToTokens ? t : v));
             }
             const int64_t row_step = L * run, token_step = L * token_stride * int64_t(sizeof(Elem));
-            mover.move(in, kToTokens ? row_step : token_step, out, kToTokens ? token_step : row_step, tiles);
+            mover.move(in, kToTokens ? row_step : token_step, to, kToTokens ? token_step : row_step, tiles);
             for (int64_t gw = gw0 + tiles * L; gw < gw_end; ++gw)
               for (int64_t i = 0; i < L; ++i)
-                copy_run<Elem, kToTokens, PW>(src, dst, v_row(r + i) + gw * PW, t_slab + gw * token_stride + (r + i) * PW);
+                copy_run<Elem, kToTokens, PW>(src, out, v_row(r + i) + gw * PW, t_block + gw * token_stride + (r + i) * PW);
           }
         }
         for (; r < rows; ++r) {
           const int64_t v = v_row(r);
           for (int64_t gw = gw0; gw < gw_end; ++gw)
-            copy_run<Elem, kToTokens, PW>(src, dst, v + gw * PW, t_slab + gw * token_stride + r * PW);
+            copy_run<Elem, kToTokens, PW>(src, out, v + gw * PW, t_block + gw * token_stride + r * PW);
         }
+        if (stream)
+          stream_copy(dst + t_slab + gw0 * token_stride, gathered.data(),
+                      (gw_end - gw0) * token_stride * int64_t(sizeof(Elem)));
       }
     } else {
       for (int64_t c = 0; c < g.C; ++c)
@@ -167,38 +182,43 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
           }
     }
   }
+  if (stream) stream_fence();
+  }
 }
 
 template <class Elem, bool kToTokens, int PH>
-void patch_copy_pw(const Elem* s, Elem* d, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g) {
+void patch_copy_pw(const Elem* s, Elem* d, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g,
+                   bool stream) {
   switch (g.pw) {
-    case 1: return patch_copy<Elem, kToTokens, PH, 1>(s, d, vs, ts, g);
-    case 2: return patch_copy<Elem, kToTokens, PH, 2>(s, d, vs, ts, g);
-    case 4: return patch_copy<Elem, kToTokens, PH, 4>(s, d, vs, ts, g);
-    default: return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g);
+    case 1: return patch_copy<Elem, kToTokens, PH, 1>(s, d, vs, ts, g, stream);
+    case 2: return patch_copy<Elem, kToTokens, PH, 2>(s, d, vs, ts, g, stream);
+    case 4: return patch_copy<Elem, kToTokens, PH, 4>(s, d, vs, ts, g, stream);
+    default: return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g, stream);
   }
 }
 
 template <class Elem, bool kToTokens>
-void patch_copy_any(const void* src, void* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g) {
+void patch_copy_any(const void* src, void* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g,
+                    bool stream) {
   const Elem* s = static_cast<const Elem*>(src);
   Elem* d = static_cast<Elem*>(dst);
-  if (vs[4] != 1 || ts[2] != 1) return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g);
+  if (vs[4] != 1 || ts[2] != 1) return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g, stream);
   switch (g.ph) {
-    case 1: return patch_copy_pw<Elem, kToTokens, 1>(s, d, vs, ts, g);
-    case 2: return patch_copy_pw<Elem, kToTokens, 2>(s, d, vs, ts, g);
-    default: return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g);
+    case 1: return patch_copy_pw<Elem, kToTokens, 1>(s, d, vs, ts, g, stream);
+    case 2: return patch_copy_pw<Elem, kToTokens, 2>(s, d, vs, ts, g, stream);
+    default: return patch_copy<Elem, kToTokens, 0, 0>(s, d, vs, ts, g, stream);
   }
 }
 
+// stream: write the output with streaming stores where the loop allows (streaming.h).
 template <bool kToTokens>
 void dispatch(const void* src, void* dst, const int64_t vs[5], const int64_t ts[3], const PatchGeometry& g,
-              int64_t element_size) {
+              int64_t element_size, bool stream) {
   switch (element_size) {
-    case 1: return patch_copy_any<uint8_t, kToTokens>(src, dst, vs, ts, g);
-    case 2: return patch_copy_any<uint16_t, kToTokens>(src, dst, vs, ts, g);
-    case 4: return patch_copy_any<uint32_t, kToTokens>(src, dst, vs, ts, g);
-    case 8: return patch_copy_any<uint64_t, kToTokens>(src, dst, vs, ts, g);
+    case 1: return patch_copy_any<uint8_t, kToTokens>(src, dst, vs, ts, g, stream);
+    case 2: return patch_copy_any<uint16_t, kToTokens>(src, dst, vs, ts, g, stream);
+    case 4: return patch_copy_any<uint32_t, kToTokens>(src, dst, vs, ts, g, stream);
+    case 8: return patch_copy_any<uint64_t, kToTokens>(src, dst, vs, ts, g, stream);
     default: throw std::invalid_argument("patchify: element size must be 1, 2, 4 or 8 bytes");
   }
 }
@@ -210,13 +230,15 @@ void patchify(const void* video, const int64_t video_strides[5], void* tokens, c
   const int64_t F = g.C * g.pt * g.ph * g.pw;
   const int64_t N = (g.T / g.pt) * (g.H / g.ph) * (g.W / g.pw);
   const int64_t ts[3] = {N * F, F, 1};
-  dispatch<true>(video, tokens, video_strides, ts, g, element_size);
+  dispatch<true>(video, tokens, video_strides, ts, g, element_size, stream_output(g.B * N * F * element_size));
 }
 
 void unpatchify(const void* tokens, const int64_t token_strides[3], void* video, const PatchGeometry& g,
                 int64_t element_size) {
   const int64_t vs[5] = {g.C * g.T * g.H * g.W, g.T * g.H * g.W, g.H * g.W, g.W, 1};
-  dispatch<false>(tokens, video, vs, token_strides, g, element_size);
+  // Unpatchify writes each video row whole and could stream without a buffer; not measured yet,
+  // so it stores the usual way.
+  dispatch<false>(tokens, video, vs, token_strides, g, element_size, false);
 }
 
 }  // namespace skyloom::cpu
