@@ -2,8 +2,8 @@
 // cache first reads the line from memory; a streaming store writes whole lines past the caches.
 // That pays when an output is too large to still be cached when the next op reads it, and costs
 // when it is small enough to be. On the 2-core Zen 4 VM (32 MiB L3 shared with other tenants),
-// patchify with its tokens streamed was 2x slower for 4-8 MiB outputs, even at 10 MiB, and
-// 1.3-1.9x faster from 12 MiB on (benchmarks/patchify_kernel.cpp; docs/performance.md,
+// patchify with its tokens streamed was 1.7-2.8x slower for 4-8 MiB outputs, either way at
+// 10 MiB, and 1.3-1.9x faster from 12 MiB on (benchmarks/patchify_kernel.cpp; docs/performance.md,
 // 2026-12-07); a CPU with a larger cache share would gain from a larger threshold.
 #pragma once
 
