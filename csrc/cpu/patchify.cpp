@@ -125,64 +125,65 @@ void patch_copy(const Elem* src, Elem* dst, const int64_t vs[5], const int64_t t
       for (int64_t ih = 0; ih < ph; ++ih) row_offsets.push_back(c * vs[1] + it * vs[2] + ih * vs[3]);
 #pragma omp parallel
   {
-  std::vector<Elem> gathered(stream ? size_t(block * token_stride) : 0);
+    std::vector<Elem> gathered(stream ? size_t(block * token_stride) : 0);
 #pragma omp for schedule(static)
-  for (int64_t slab = 0; slab < slabs; ++slab) {
-    const int64_t b = slab / (GT * GH), gt = (slab / GH) % GT, gh = slab % GH;
-    const int64_t v_slab = b * vs[0] + gt * g.pt * vs[2] + gh * ph * vs[3];
-    const int64_t t_slab = b * ts[0] + (gt * GH + gh) * GW * ts[1];
-    if constexpr (PH > 0 && PW > 0) {
-      const auto v_row = [&](int64_t r) { return v_slab + row_offsets[r]; };
-      for (int64_t gw0 = 0; gw0 < GW; gw0 += block) {
-        const int64_t gw_end = std::min(GW, gw0 + block);
-        // where this block's tokens go: token gw at out + t_block + gw·token_stride
-        Elem* out = stream ? gathered.data() : dst;
-        const int64_t t_block = stream ? -gw0 * token_stride : t_slab;
-        int64_t r = 0;
-        if constexpr (sizeof(Elem) * PW == 8) {
-          const int64_t L = mover.lanes, tiles = (gw_end - gw0) / L, run = sizeof(Elem) * PW;
-          for (; tiles > 0 && r + L <= rows; r += L) {
-            const char* in[4];  // L pixel rows and L tokens, whichever side is read
-            char* to[4];
-            for (int64_t i = 0; i < L; ++i) {
-              const int64_t v = v_row(r + i) + gw0 * PW, t = t_block + (gw0 + i) * token_stride + r * PW;
-              in[i] = reinterpret_cast<const char*>(src + (kToTokens ? v : t));
-              to[i] = reinterpret_cast<char*>(out + (kToTokens ? t : v));
-            }
-            const int64_t row_step = L * run, token_step = L * token_stride * int64_t(sizeof(Elem));
-            mover.move(in, kToTokens ? row_step : token_step, to, kToTokens ? token_step : row_step, tiles);
-            for (int64_t gw = gw0 + tiles * L; gw < gw_end; ++gw)
-              for (int64_t i = 0; i < L; ++i)
-                copy_run<Elem, kToTokens, PW>(src, out, v_row(r + i) + gw * PW, t_block + gw * token_stride + (r + i) * PW);
-          }
-        }
-        for (; r < rows; ++r) {
-          const int64_t v = v_row(r);
-          for (int64_t gw = gw0; gw < gw_end; ++gw)
-            copy_run<Elem, kToTokens, PW>(src, out, v + gw * PW, t_block + gw * token_stride + r * PW);
-        }
-        if (stream)
-          stream_copy(dst + t_slab + gw0 * token_stride, gathered.data(),
-                      (gw_end - gw0) * token_stride * int64_t(sizeof(Elem)));
-      }
-    } else {
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t it = 0; it < g.pt; ++it)
-          for (int64_t gw = 0; gw < GW; ++gw) {
-            const int64_t t = t_slab + gw * ts[1] + (c * g.pt + it) * ph * pw * ts[2];
-            const int64_t v = v_slab + c * vs[1] + it * vs[2] + gw * pw * vs[4];
-            for (int64_t ih = 0; ih < ph; ++ih)
-              for (int64_t iw = 0; iw < pw; ++iw) {
-                const int64_t vi = v + ih * vs[3] + iw * vs[4], ti = t + (ih * pw + iw) * ts[2];
-                if (kToTokens)
-                  dst[ti] = src[vi];
-                else
-                  dst[vi] = src[ti];
+    for (int64_t slab = 0; slab < slabs; ++slab) {
+      const int64_t b = slab / (GT * GH), gt = (slab / GH) % GT, gh = slab % GH;
+      const int64_t v_slab = b * vs[0] + gt * g.pt * vs[2] + gh * ph * vs[3];
+      const int64_t t_slab = b * ts[0] + (gt * GH + gh) * GW * ts[1];
+      if constexpr (PH > 0 && PW > 0) {
+        const auto v_row = [&](int64_t r) { return v_slab + row_offsets[r]; };
+        for (int64_t gw0 = 0; gw0 < GW; gw0 += block) {
+          const int64_t gw_end = std::min(GW, gw0 + block);
+          // where this block's tokens go: token gw at out + t_block + gw·token_stride
+          Elem* out = stream ? gathered.data() : dst;
+          const int64_t t_block = stream ? -gw0 * token_stride : t_slab;
+          int64_t r = 0;
+          if constexpr (sizeof(Elem) * PW == 8) {
+            const int64_t L = mover.lanes, tiles = (gw_end - gw0) / L, run = sizeof(Elem) * PW;
+            for (; tiles > 0 && r + L <= rows; r += L) {
+              const char* in[4];  // L pixel rows and L tokens, whichever side is read
+              char* to[4];
+              for (int64_t i = 0; i < L; ++i) {
+                const int64_t v = v_row(r + i) + gw0 * PW, t = t_block + (gw0 + i) * token_stride + r * PW;
+                in[i] = reinterpret_cast<const char*>(src + (kToTokens ? v : t));
+                to[i] = reinterpret_cast<char*>(out + (kToTokens ? t : v));
               }
+              const int64_t row_step = L * run, token_step = L * token_stride * int64_t(sizeof(Elem));
+              mover.move(in, kToTokens ? row_step : token_step, to, kToTokens ? token_step : row_step, tiles);
+              for (int64_t gw = gw0 + tiles * L; gw < gw_end; ++gw)
+                for (int64_t i = 0; i < L; ++i)
+                  copy_run<Elem, kToTokens, PW>(src, out, v_row(r + i) + gw * PW,
+                                                t_block + gw * token_stride + (r + i) * PW);
+            }
           }
+          for (; r < rows; ++r) {
+            const int64_t v = v_row(r);
+            for (int64_t gw = gw0; gw < gw_end; ++gw)
+              copy_run<Elem, kToTokens, PW>(src, out, v + gw * PW, t_block + gw * token_stride + r * PW);
+          }
+          if (stream)
+            stream_copy(dst + t_slab + gw0 * token_stride, gathered.data(),
+                        (gw_end - gw0) * token_stride * int64_t(sizeof(Elem)));
+        }
+      } else {
+        for (int64_t c = 0; c < g.C; ++c)
+          for (int64_t it = 0; it < g.pt; ++it)
+            for (int64_t gw = 0; gw < GW; ++gw) {
+              const int64_t t = t_slab + gw * ts[1] + (c * g.pt + it) * ph * pw * ts[2];
+              const int64_t v = v_slab + c * vs[1] + it * vs[2] + gw * pw * vs[4];
+              for (int64_t ih = 0; ih < ph; ++ih)
+                for (int64_t iw = 0; iw < pw; ++iw) {
+                  const int64_t vi = v + ih * vs[3] + iw * vs[4], ti = t + (ih * pw + iw) * ts[2];
+                  if (kToTokens)
+                    dst[ti] = src[vi];
+                  else
+                    dst[vi] = src[ti];
+                }
+            }
+      }
     }
-  }
-  if (stream) stream_fence();
+    if (stream) stream_fence();
   }
 }
 
