@@ -321,6 +321,27 @@ def test_attention_long_sequence_crosses_tiles(target):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+@pytest.mark.parametrize("head_dim", [96, 128])  # AVX-512: a 4-vector and a 2-vector column block; two 4-vector
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_reuses_packed_keys_across_query_blocks(target, head_dim, threads):
+    """Three query blocks per head whose causal masks end in different key tiles: a thread keeps the
+    key tiles it packed for one block of a head for its next, and packs again for the next head."""
+    problem = dict(shape=(1, 3, 200, 2, head_dim), mode="full", causal=True, valid_lengths=None)
+    (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 5)
+    grad_out = torch.randn(problem["shape"], generator=torch.Generator().manual_seed(6))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _on(target):
+            ours = _run(ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    finally:
+        torch.set_num_threads(saved)
+    ref = _run(reference_ops.spacetime_attention, q, k, v, problem, valid, grad_out)
+    for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_attention_default_scale_and_explicit_scale():
     q, k, v = (torch.randn(1, 2, 3, 1, 16) for _ in range(3))
     torch.testing.assert_close(ops.spacetime_attention(q, k, v), ops.spacetime_attention(q, k, v, scale=0.25))

@@ -13,6 +13,7 @@
 #include "cpu/capability.h"
 #include "cpu/streaming.h"
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
