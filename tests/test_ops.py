@@ -342,6 +342,23 @@ def test_attention_reuses_packed_keys_across_query_blocks(target, head_dim, thre
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
+def test_attention_never_reads_padding_frames(target):
+    """Frames past a video's valid_length are padding that may hold anything: NaN in q, k and v
+    there changes no output row of the valid frames (compared with the reference on the same
+    values without the NaN)."""
+    problem = dict(shape=(2, 3, 100, 2, 32), mode="full", causal=False, valid_lengths=[2, 3])
+    (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 7, requires_grad=False)
+    nan_padded = [x.clone() for x in (q, k, v)]
+    for x in nan_padded:
+        x[0, 2:] = float("nan")  # video 0 has 2 valid frames: keys 200..299, mid-way through a key tile
+    with _on(target):
+        ours = ops.spacetime_attention(*nan_padded, "full", valid_lengths=valid)
+    ref = reference_ops.spacetime_attention(q, k, v, "full", valid_lengths=valid)
+    torch.testing.assert_close(ours[0, :2], ref[0, :2], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[1], ref[1], atol=2e-5, rtol=1e-4)
+
+
 def test_attention_default_scale_and_explicit_scale():
     q, k, v = (torch.randn(1, 2, 3, 1, 16) for _ in range(3))
     torch.testing.assert_close(ops.spacetime_attention(q, k, v), ops.spacetime_attention(q, k, v, scale=0.25))
