@@ -322,7 +322,7 @@ def test_attention_long_sequence_crosses_tiles(target):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if isinstance(t, str)])
-@pytest.mark.parametrize("head_dim", [96, 128])  # AVX-512: a 4-vector and a 2-vector column block; two 4-vector
+@pytest.mark.parametrize("head_dim", [96, 128])  # AVX-512 P·V: 4 + 2 vectors of columns; 4 + 4
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_reuses_packed_keys_across_query_blocks(target, head_dim, threads):
     """Three query blocks per head whose causal masks end in different key tiles: a thread keeps the
@@ -351,7 +351,7 @@ def test_attention_never_reads_padding_frames(target):
     (q, k, v), valid = _attention_inputs(problem, torch.float32, "cpu", 7, requires_grad=False)
     nan_padded = [x.clone() for x in (q, k, v)]
     for x in nan_padded:
-        x[0, 2:] = float("nan")  # video 0 has 2 valid frames: keys 200..299, mid-way through a key tile
+        x[0, 2:] = float("nan")  # video 0's padding: keys 200..299, from mid-way through the tile 192..255
     with _on(target):
         ours = ops.spacetime_attention(*nan_padded, "full", valid_lengths=valid)
     ref = reference_ops.spacetime_attention(q, k, v, "full", valid_lengths=valid)
